@@ -157,3 +157,20 @@ def test_gated_conv_net_trains_from_zero():
     net = GatedConvNet(1, 8, 2, num_layers=1)
     net(torch.randn(2, 1, 4, 4)).sum().backward()
     assert net.last.weight.grad.abs().sum() > 0
+
+
+def test_exports_and_docstring_examples():
+    """Everything in ``__all__`` exists, and the examples in the docstrings run as written."""
+    import doctest
+    import importlib
+
+    import nfcourse.flows as flows
+
+    for name in flows.__all__:
+        assert hasattr(flows, name), name
+    for module in ("base", "priors", "masks", "nets", "coupling", "dequantization",
+                   "multiscale", "glow", "model", "builders"):
+        mod = importlib.import_module(f"nfcourse.flows.{module}")
+        result = doctest.testmod(mod, extraglobs={"torch": torch, **vars(flows)},
+                                 optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, f"docstring example failed in nfcourse.flows.{module}"
