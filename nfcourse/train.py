@@ -80,10 +80,14 @@ def fast_steps(full: int, fast: int) -> int:
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` (or None) picks CUDA when it is available, else the CPU."""
+    """``"auto"`` (or None) picks CUDA when it is available, else the CPU; ``"cuda"`` becomes
+    ``"cuda:<current device>"``."""
     if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())  # compare equal to x.device
+    return device
 
 
 def lr_factor(
@@ -444,8 +448,10 @@ def _as_tensor(data: Any, float_dtype: torch.dtype) -> Tensor:
 def _place(x: Tensor, device: torch.device) -> Tensor:
     """Move the whole data set to ``device`` when it fits in a quarter of the free memory;
     otherwise keep it on the CPU (pinned) and copy batch by batch."""
-    if device.type == "cpu" or x.device == device:
+    if x.device == device:
         return x
+    if device.type == "cpu":
+        return x.cpu()
     if device.type == "cuda":
         try:
             free, _ = torch.cuda.mem_get_info(device)
