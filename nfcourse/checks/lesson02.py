@@ -171,6 +171,16 @@ def recover_noise(z: Tensor, x: Tensor, levels: int = 256, alpha: float = 1e-5) 
     return (v - alpha) / (1 - 2 * alpha) * levels - x.double()
 
 
+def _noise_slogdet(layer: Any, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """``slogdet`` of the autograd Jacobian of ``noise -> z = layer(x, noise=noise)[0]`` for one
+    image ``x`` (a batch of 1): the layer is a deterministic function of the noise it is given."""
+
+    def z_of(v: Tensor) -> Tensor:
+        return layer(x, noise=v.reshape(x.shape))[0].reshape(-1)
+
+    return torch.linalg.slogdet(torch.autograd.functional.jacobian(z_of, noise.reshape(-1)))
+
+
 def _std_normal_log_prob(eps: Tensor) -> Tensor:
     return -0.5 * (eps.pow(2) + _LOG_2PI).flatten(1).sum(1)
 
@@ -343,11 +353,7 @@ def dequantization_report(cls: Callable[..., Any], levels: int = 256, alpha: flo
         _, lds = _pair(layer(xs, noise=us), "forward")
         worst_diff = 0.0
         for i in range(xs.shape[0]):
-            def f(v, i=i):
-                return layer(xs[i:i + 1], noise=v.reshape(xs[i:i + 1].shape))[0].reshape(-1)
-
-            jac = torch.autograd.functional.jacobian(f, us[i].reshape(-1))
-            sign, logabs = torch.linalg.slogdet(jac)
+            sign, logabs = _noise_slogdet(layer, xs[i:i + 1], us[i:i + 1])
             if float(sign) == 0:
                 rep.fail("log_det", "z does not depend on the noise (zero Jacobian)",
                          "compute z from x + u, without detaching or rounding")
@@ -693,11 +699,7 @@ def variational_dequantization_report(cls: Callable[..., Any], levels: int = 256
         lds = lds.detach()
         worst = 0.0
         for i in range(xs.shape[0]):
-            def f(v, i=i):
-                return layer(xs[i:i + 1], noise=v.reshape(xs[i:i + 1].shape))[0].reshape(-1)
-
-            jac = torch.autograd.functional.jacobian(f, es[i].reshape(-1))
-            sign, logabs = torch.linalg.slogdet(jac)
+            sign, logabs = _noise_slogdet(layer, xs[i:i + 1], es[i:i + 1])
             expected = float(logabs) - float(_std_normal_log_prob(es[i:i + 1])[0])
             diff = float(lds[i]) - expected
             if float(sign) == 0 or abs(diff) > 1e-6 * (1 + abs(expected)):
