@@ -53,6 +53,8 @@ __all__ = [
     "validate_log_density",
     "regularized_loss",
     "find_cnf",
+    "CNF_2D_TRAINING",
+    "FFJORD_2D_OPTIMIZER",
 ]
 
 #: torchdiffeq methods that walk a fixed grid (``steps``/``step_size`` apply to these).
@@ -663,6 +665,12 @@ def ffjord_2d_defaults() -> dict:
 FFJORD_2D_OPTIMIZER = dict(lr=1e-3, weight_decay=1e-5, batch_size=1000)
 
 
+#: Training settings that go with :func:`cnf_2d` on 2-D densities (Adam, cosine schedule):
+#: ``steps`` in fast mode (``NFCOURSE_FAST=1``), ``steps_full`` otherwise; ``n_points``
+#: training points to draw from an image density.
+CNF_2D_TRAINING = dict(lr=1e-2, batch_size=256, steps=300, steps_full=2000, n_points=20_000)
+
+
 def cnf_2d(
     hidden: int | Sequence[int] = 64,
     layers: int = 3,
@@ -679,7 +687,9 @@ def cnf_2d(
     Defaults: a 3x64 tanh MLP with the time concatenated to every layer, ``T = 1``, exact trace,
     direct backpropagation, fixed-step RK4 with 8 steps (32 function evaluations per solve).
     Other keyword arguments go to :class:`CNF` (``rtol``, ``atol``, ``adjoint``, ``divergence``,
-    ``kinetic_energy``, ...). The CNF is ``model.flow``.
+    ``kinetic_energy``, ...). The CNF is ``model.flow``. Train it with
+    :data:`CNF_2D_TRAINING` (Adam lr 1e-2, batch 256, cosine schedule; 300 steps in fast mode
+    reach KL ~0.2 nats on the logo density, see ``benchmarks/cnf_gif.py``).
 
     Example:
         >>> model = cnf_2d()
