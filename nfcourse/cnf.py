@@ -243,7 +243,6 @@ def _exact(f, z, t, create_graph: bool, frobenius: bool):
         dz = f(t, z)
         div = dz.new_zeros(dz.shape[0])
         frob = dz.new_zeros(dz.shape[0]) if frobenius else None
-        flat_z = z.reshape(z.shape[0], -1)
         flat_dz = dz.reshape(dz.shape[0], -1)
         for i in range(flat_dz.shape[1]):
             # row i of the Jacobian, for every sample at once (samples do not interact)
@@ -254,7 +253,6 @@ def _exact(f, z, t, create_graph: bool, frobenius: bool):
             div = div + row[:, i]
             if frobenius:
                 frob = frob + row.pow(2).sum(1)
-        del flat_z
     return dz, div, frob
 
 
