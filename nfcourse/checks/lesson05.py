@@ -109,11 +109,29 @@ def _perturb(module: nn.Module, scale: float, seed: int) -> None:
         p.add_(scale * torch.randn(p.shape, generator=gen).to(p))
 
 
-def _flow_report(layer: Any, x: Tensor, label: str, problems: list[str]) -> None:
+_LOG_DET_CHECKS = ("log_det", "inverse_log_det")
+
+
+def _flow_report(layer: Any, x: Tensor, label: str, problems: list[str],
+                 log_det_hint: str) -> None:
+    """Append :func:`check_flow`'s failures; log-det failures get this layer's own hint (the
+    generic one speaks of couplings)."""
     report = check_flow(layer, x, name=label)
     for r in report.failed:
-        problems.append(f"{label}: {r.title}: {r.message}" + (f" (hint: {r.hint})" if r.hint
+        hint = log_det_hint if r.name in _LOG_DET_CHECKS else r.hint
+        problems.append(f"{label}: {r.title}: {r.message}" + (f" (hint: {hint})" if hint
                                                                else ""))
+
+
+_ACTNORM_HINT = ("every one of the H * W pixels of channel c is scaled by exp(log_scale_c), so "
+                 "log_det = H * W * sum_c log_scale_c; the inverse returns minus that")
+_INVCONV_HINT = ("the same W acts on each of the H * W pixels, so log_det = H * W * "
+                 "log|det W| (torch.linalg.slogdet(W)[1]); the inverse returns minus that")
+_LU_HINT = ("det P = +-1 and det L = 1, so log|det W| = sum(log|s|) and log_det = H * W * "
+            "sum(log_s); the inverse returns minus that")
+_STEP_HINT = ("the step's log_det is ActNorm's + the mixing's + the coupling's (the sum of the "
+              "log-scales applied to the changed half); the inverse runs the three inverses in "
+              "reverse order and adds their log-dets")
 
 
 def _pair(out: Any, what: str, problems: list[str]) -> tuple[Tensor, Tensor] | None:
@@ -181,7 +199,7 @@ def actnorm_problems(actnorm_cls: type) -> list[str]:
         return problems
     # a 3x2 image: H * W = 6, so a log-det without the H * W factor cannot pass
     x = _shifted_batch(3, c, 3, 2, seed=1)
-    _flow_report(layer, x, "ActNorm (initialised)", problems)
+    _flow_report(layer, x, "ActNorm (initialised)", problems, _ACTNORM_HINT)
     if problems:
         return problems
     ld = _log_det_of(layer, _shifted_batch(2, c, 5, 2, seed=2), "ActNorm on a (2, 3, 5, 2) batch",
@@ -330,7 +348,8 @@ def invconv_problems(invconv_cls: type) -> list[str]:
         w = q @ torch.diag(torch.tensor([1.8, 0.7, 1.3, 0.5])) + 0.1 * torch.randn(
             c, c, generator=_gen(21))
         layer.weight.copy_(w.to(layer.weight))
-    _flow_report(layer, torch.randn(3, c, 3, 2, generator=_gen(22)), "InvConv1x1", problems)
+    _flow_report(layer, torch.randn(3, c, 3, 2, generator=_gen(22)), "InvConv1x1", problems,
+                 _INVCONV_HINT)
     x = torch.randn(2, c, 5, 3, generator=_gen(23))
     ld = _log_det_of(layer, x, "InvConv1x1 on a (2, 4, 5, 3) batch", problems)
     if ld is not None:
@@ -364,7 +383,8 @@ def invconv_lu_problems(lu_cls: type) -> list[str]:
     problems += _orthogonality_problem(w0, "InvConv1x1LU")
     # move every parameter away from the initial rotation
     _perturb(layer, 0.2, seed=30)
-    _flow_report(layer, torch.randn(3, c, 3, 2, generator=_gen(31)), "InvConv1x1LU", problems)
+    _flow_report(layer, torch.randn(3, c, 3, 2, generator=_gen(31)), "InvConv1x1LU", problems,
+                 _LU_HINT)
     x = torch.randn(2, c, 4, 3, generator=_gen(32))
     ld = _log_det_of(layer, x, "InvConv1x1LU on a (2, 5, 4, 3) batch", problems)
     w = _weight_of(layer, c, "InvConv1x1LU", problems)
@@ -460,7 +480,7 @@ def glow_step_problems(step_cls: type, actnorm_cls: type, invconv_cls: type,
             continue
         _perturb(step, 0.05, seed=41)
         _flow_report(step, _shifted_batch(3, c, 4, 4, seed=42), f"GlowStep(mixing={mixing!r})",
-                     problems)
+                     problems, _STEP_HINT)
         if problems:
             return problems
     return problems
