@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 WORKERS ?= 2
+# Tests read real MNIST from the shared folder beside the clone when it is there (never the network).
+SHARED_MNIST := $(abspath ../shared/data/mnist)
+TEST_DATA := $(if $(NFCOURSE_DATA),$(NFCOURSE_DATA),$(if $(wildcard $(SHARED_MNIST)/*.gz),$(SHARED_MNIST)))
 
 .PHONY: lab test test-fast test-gpu lint bench release venv clean
 
@@ -25,7 +28,7 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=lessons
 
 test: $(STAMP)
-	NFCOURSE_FAST=1 MPLBACKEND=Agg $(PY) -m pytest -n $(WORKERS) --dist loadgroup
+	NFCOURSE_FAST=1 NFCOURSE_DATA=$(TEST_DATA) MPLBACKEND=Agg OMP_NUM_THREADS=1 $(PY) -m pytest -n $(WORKERS) --dist loadgroup
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -m gpu -p no:xdist

@@ -1,0 +1,117 @@
+"""nbgrader configuration of the course (nbgrader 0.9.x).
+
+Loaded by ``nfcourse grade ...`` (see ``grading/README.md``); the plain ``nbgrader`` command
+reads it when run inside ``grading/`` or with ``JUPYTER_CONFIG_PATH=grading`` from the root.
+Every path is relative to the course root, which is the repository root (computed from this file's
+location) unless ``NFCOURSE_COURSE_ROOT`` names another one (the tests grade in copies).
+
+Layout (nbgrader's ``{nbgrader_step}/{student_id}/{assignment_id}``):
+
+    solutions/NN_slug/NN_slug.ipynb                 source (answers + hidden tests)
+    lessons/NN_slug/NN_slug.ipynb                   release (committed, generated)
+    grading/submitted/STUDENT/NN_slug/...           collected submissions   (git-ignored)
+    grading/autograded/STUDENT/NN_slug/...          executed and scored     (git-ignored)
+    grading/feedback/STUDENT/NN_slug/NN_slug.html   feedback                (git-ignored)
+    grading/gradebook.db                            gradebook (hidden tests live here)
+"""
+
+import os
+
+c = get_config()  # noqa: F821  (provided by traitlets' config loader)
+
+ROOT = os.path.abspath(
+    os.environ.get("NFCOURSE_COURSE_ROOT")
+    or os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+)
+
+# --- where things are -------------------------------------------------------------------
+c.CourseDirectory.root = ROOT
+c.CourseDirectory.course_id = "nfcourse"
+c.CourseDirectory.source_directory = "solutions"
+c.CourseDirectory.release_directory = "lessons"
+c.CourseDirectory.submitted_directory = os.path.join("grading", "submitted")
+c.CourseDirectory.autograded_directory = os.path.join("grading", "autograded")
+c.CourseDirectory.feedback_directory = os.path.join("grading", "feedback")
+c.CourseDirectory.solution_directory = os.path.join("grading", "solution")
+c.CourseDirectory.source_with_tests_directory = os.path.join("grading", "source_with_tests")
+c.CourseDirectory.db_url = "sqlite:///" + os.path.join(ROOT, "grading", "gradebook.db")
+# Files never copied from solutions/ into lessons/ (or over a submission): only the
+# notebook and small assets it reads travel.
+c.CourseDirectory.ignore = [
+    ".ipynb_checkpoints",
+    "*.pyc",
+    "__pycache__",
+    "feedback",
+    "runs",
+    "artifacts",
+    "*.gif",
+    "*.pt",
+    "*.ckpt",
+    ".DS_Store",
+]
+c.CourseDirectory.max_file_size = 2000  # kB: assets are small; anything bigger is a mistake
+
+# --- releasing ----------------------------------------------------------------------------
+c.ClearSolutions.code_stub = {
+    "python": "# YOUR CODE HERE\nraise NotImplementedError()",
+}
+c.ClearSolutions.text_stub = "YOUR ANSWER HERE"
+c.LockCells.lock_grade_cells = True
+c.LockCells.lock_readonly_cells = True
+
+# --- autograding --------------------------------------------------------------------------
+# Every submission runs in the same kernel, whatever the student's notebook says.
+c.Execute.kernel_name = "python3"
+# Seconds per cell; `nfcourse grade` replaces it with NfcourseGrade.lesson_timeouts[lesson].
+c.Execute.timeout = 300
+c.Execute.interrupt_on_timeout = True
+# A deleted test cell comes back (and is graded) instead of silently giving no score; an
+# edited one is restored from the gradebook. A split or copied test cell: the last copy keeps
+# the id (and is restored), the others become ordinary cells (DropEmptyNbgraderMetadata
+# works around nbgrader 0.9 failing on them).
+c.OverwriteCells.add_missing_cells = True
+try:
+    from nbgrader.preprocessors import (
+        CheckCellMetadata,
+        ClearOutput,
+        DeduplicateIds,
+        OverwriteCells,
+        OverwriteKernelspec,
+    )
+
+    from nfcourse.grade.preprocessors import DropEmptyNbgraderMetadata
+
+    c.Autograde.sanitize_preprocessors = [
+        ClearOutput,
+        DeduplicateIds,
+        DropEmptyNbgraderMetadata,
+        OverwriteKernelspec,
+        OverwriteCells,
+        CheckCellMetadata,
+    ]
+except ImportError:  # nfcourse not installed: plain nbgrader behaviour
+    pass
+# Progress bars write to stderr; drop those outputs from the graded copy and the feedback.
+c.IgnorePattern.enabled = True
+c.IgnorePattern.pattern = r"\d+%\|[^|]*\|"
+c.LimitOutput.max_lines = 200
+c.LimitOutput.max_traceback = 60
+
+# --- nfcourse's own settings (read by nfcourse.grade, ignored by nbgrader) ---------------
+# Per-lesson cell timeout in seconds for autograding (fast mode).
+c.NfcourseGrade.lesson_timeouts = {
+    "01_two_moons_realnvp": 120,
+    "02_dequantization": 300,
+    "03_coupling_layers": 300,
+    "04_multiscale": 300,
+    "05_glow": 300,
+    "06_ffjord_gifs": 300,
+}
+# Environment of the grading kernel: fast mode, no progress bars, no display.
+c.NfcourseGrade.kernel_env = {
+    "NFCOURSE_FAST": "1",
+    "TQDM_DISABLE": "1",
+    "MPLBACKEND": "Agg",
+    "PYTHONHASHSEED": "0",
+    "OMP_NUM_THREADS": "1",
+}

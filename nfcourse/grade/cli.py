@@ -1,0 +1,124 @@
+"""``nfcourse grade ...``: release lessons, collect, autograde, feedback, export, status.
+
+Run ``nfcourse grade --help`` (or ``python -m nfcourse.grade --help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from nfcourse.grade import commands
+from nfcourse.grade.commands import Course, GradeError
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nfcourse grade",
+        description="Grade the course's notebooks with nbgrader "
+        "(configuration: grading/nbgrader_config.py).",
+    )
+    parser.add_argument(
+        "--course-root",
+        metavar="DIR",
+        help="the course folder (default: $NFCOURSE_COURSE_ROOT, else found from the working "
+        "directory)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show nbgrader's log")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("release", help="regenerate lessons/ from solutions/ (and the gradebook)")
+    p.add_argument("lesson", nargs="?", help="one lesson, e.g. 01_two_moons_realnvp (default: all)")
+
+    p = sub.add_parser("collect", help="copy downloaded submissions into grading/submitted/")
+    p.add_argument("lesson")
+    p.add_argument("--from", dest="source", required=True, metavar="DIR",
+                   help="folder of submissions: one sub-folder per student, or files named "
+                   "STUDENT_anything.ipynb")
+    p.add_argument("--pattern", default=commands._DEFAULT_STUDENT_PATTERN,
+                   help="regular expression with a (?P<student>...) group, matched against "
+                   "file names when notebooks lie side by side")
+    p.add_argument("--keep", action="store_true", help="keep existing submissions")
+
+    p = sub.add_parser("autograde", help="execute and score submissions")
+    p.add_argument("lesson")
+    p.add_argument("--student", help="one student (default: every submission)")
+    p.add_argument("--force", action="store_true", help="grade again even if already graded")
+
+    p = sub.add_parser("feedback", help="write HTML feedback for autograded submissions")
+    p.add_argument("lesson")
+    p.add_argument("--student", help="one student (default: all)")
+
+    p = sub.add_parser("export", help="write every score to a CSV file")
+    p.add_argument("--csv", required=True, metavar="PATH")
+
+    sub.add_parser("status", help="what is released, submitted, graded")
+    return parser
+
+
+def _print_status(course: Course) -> None:
+    rows = commands.status(course)
+    print(f"course: {course.root}")
+    if not rows:
+        print("no lessons in", course.source_dir)
+    for row in rows:
+        flags = [
+            "released" if row.released else "NOT released",
+            "in gradebook" if row.in_gradebook else "not in gradebook (yet)",
+        ]
+        print(f"{row.lesson}: {', '.join(flags)}; {len(row.submitted)} submitted, "
+              f"{len(row.autograded)} autograded, {len(row.feedback)} with feedback")
+        for student, total in sorted(row.totals.items()):
+            print(f"    {student:20s} {total:g} / {row.max_score:g}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``nfcourse grade``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("nfcourse.grade").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    try:
+        course = Course(args.course_root)
+        if args.command == "release":
+            for lesson in commands.release(course, args.lesson):
+                print(f"released {course.release_dir / lesson}")
+        elif args.command == "collect":
+            copied = commands.collect(
+                course, args.lesson, args.source, pattern=args.pattern, overwrite=not args.keep
+            )
+            for student, path in copied.items():
+                print(f"{student}: {path}")
+            if not copied:
+                print("nothing collected", file=sys.stderr)
+                return 1
+        elif args.command == "autograde":
+            graded = commands.autograde(course, args.lesson, args.student, force=args.force)
+            if not graded:
+                print(f"no submissions of {args.lesson}", file=sys.stderr)
+                return 1
+            for student in graded:
+                try:
+                    cells = commands.scores(course, args.lesson, student)
+                except Exception:  # noqa: BLE001  (nbgrader skipped an already graded one)
+                    continue
+                got = sum(c.score for c in cells.values())
+                total = sum(c.max_score for c in cells.values())
+                print(f"{student}: {got:g} / {total:g}")
+        elif args.command == "feedback":
+            for path in commands.feedback(course, args.lesson, args.student):
+                print(path)
+        elif args.command == "export":
+            print(commands.export_csv(course, args.csv))
+        elif args.command == "status":
+            _print_status(course)
+    except (GradeError, FileNotFoundError) as error:
+        print(f"nfcourse grade: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
