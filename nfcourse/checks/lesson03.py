@@ -92,16 +92,15 @@ def _try(what: str, fn: Callable[[], Any], problems: list[str]) -> Any:
 
 
 def _expected_checkerboard(h: int, w: int, invert: bool) -> Tensor:
-    i = torch.arange(h).view(-1, 1)
-    j = torch.arange(w).view(1, -1)
-    m = ((i + j) % 2 == 0).float()
-    return (1 - m if invert else m).view(1, 1, h, w)
+    from nfcourse.flows import checkerboard_mask
+
+    return checkerboard_mask(h, w, invert, dtype=torch.float32)
 
 
 def _expected_channel(c: int, invert: bool) -> Tensor:
-    m = torch.zeros(c)
-    m[: c // 2] = 1
-    return (1 - m if invert else m).view(1, c, 1, 1)
+    from nfcourse.flows import channel_mask
+
+    return channel_mask(c, invert, dtype=torch.float32)
 
 
 def _mask_problems(name: str, out: Any, expected: Tensor, call: str) -> list[str]:
