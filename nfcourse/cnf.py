@@ -442,7 +442,9 @@ class CNF(Flow):
         if train_T:
             self.sqrt_T = nn.Parameter(torch.tensor(math.sqrt(T)))
         else:
-            self.register_buffer("_T", torch.tensor(float(T)))
+            # float64 so that T survives exactly in float64 solves (1.3 in float32 is 1.29999995,
+            # a 5e-8 relative error in every state); solves cast it to the state's dtype.
+            self.register_buffer("_T", torch.tensor(float(T), dtype=torch.float64))
         self.method = method or solver or "dopri5"
         self.rtol = rtol
         self.atol = atol

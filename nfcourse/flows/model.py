@@ -46,8 +46,16 @@ class FlowModel(nn.Module):
     # ----------------------------------------------------------------- properties
     @property
     def is_discrete(self) -> bool:
-        """True for image models (the flow dequantizes integer pixels)."""
-        return any(isinstance(m, Dequantization) for m in self.flow.modules())
+        """True for image models (the flow dequantizes integer pixels).
+
+        Recognises the reference :class:`Dequantization` and, so that students' own layers
+        work with ``fit`` and the pictures too, any flow layer with an integer ``levels``.
+        """
+        return any(
+            isinstance(m, Dequantization)
+            or (isinstance(getattr(m, "levels", None), int) and hasattr(m, "inverse"))
+            for m in self.flow.modules()
+        )
 
     @property
     def loss_unit(self) -> str:
@@ -76,8 +84,13 @@ class FlowModel(nn.Module):
             return t.device
         return torch.device("cpu")
 
-    def _splits(self) -> list[Split]:
-        return [m for m in self.flow.modules() if isinstance(m, Split)]
+    def _splits(self) -> list[nn.Module]:
+        """Layers that sample latents in their inverse: the reference :class:`Split` and any
+        flow layer with a ``temperature`` attribute (a student's own split, say)."""
+        return [
+            m for m in self.flow.modules()
+            if isinstance(m, Split) or (hasattr(m, "temperature") and hasattr(m, "inverse"))
+        ]
 
     @torch.no_grad()
     def _infer_data_shape(self) -> tuple[int, ...]:
