@@ -25,7 +25,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=lessons
+	# grading/ on the config path lets the nbgrader extensions (formgrader, Validate) find the
+	# course's nbgrader_config.py; --allow-root only where JupyterLab runs as root (containers).
+	JUPYTER_CONFIG_PATH=$(CURDIR)/grading $(VENV)/bin/jupyter lab --notebook-dir=lessons \
+		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 test: $(STAMP)
 	NFCOURSE_FAST=1 NFCOURSE_DATA=$(TEST_DATA) MPLBACKEND=Agg OMP_NUM_THREADS=1 $(PY) -m pytest -n $(WORKERS) --dist loadgroup
