@@ -10,7 +10,7 @@ WORKERS ?= 2
 SHARED_MNIST := $(abspath ../shared/data/mnist)
 TEST_DATA := $(if $(NFCOURSE_DATA),$(NFCOURSE_DATA),$(if $(wildcard $(SHARED_MNIST)/*.gz),$(SHARED_MNIST)))
 
-.PHONY: lab test test-fast test-gpu lint bench release venv clean
+.PHONY: lab test test-gpu lint bench release venv clean
 
 venv: $(STAMP)
 
@@ -34,7 +34,7 @@ test: $(STAMP)
 	NFCOURSE_FAST=1 NFCOURSE_DATA=$(TEST_DATA) MPLBACKEND=Agg OMP_NUM_THREADS=1 $(PY) -m pytest -n $(WORKERS) --dist loadgroup
 
 test-gpu: $(STAMP)
-	$(PY) -m pytest -m gpu -p no:xdist
+	$(PY) -m pytest -m gpu -p no:xdist -rA
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check nfcourse tests benchmarks

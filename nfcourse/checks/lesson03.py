@@ -33,10 +33,12 @@ from torch import Tensor, nn
 
 from nfcourse.checks.core import (
     ReferenceUsedError,
-    _describe_exception,
     assert_independent,
     check_flow,
 )
+from nfcourse.checks.reporting import attempt as _try
+from nfcourse.checks.reporting import fast_mode_bar
+from nfcourse.checks.reporting import report_problems as _report
 
 __all__ = [
     "checkerboard_mask_problems",
@@ -64,33 +66,10 @@ THRESHOLDS = {"full": 1.3, "mnist": 3.5, "digits": 6.0}
 
 def bpd_bar(source: str = "mnist") -> float:
     """The test-bpd bar of the training exercise: ``source`` is ``lesson_images().source``."""
-    from nfcourse.config import fast_mode
-
-    return THRESHOLDS["full"] if not fast_mode() else THRESHOLDS.get(source, THRESHOLDS["mnist"])
+    return fast_mode_bar(THRESHOLDS, source)
 
 
 # --------------------------------------------------------------------------------- helpers
-def _report(title: str, problems: list[str]) -> bool:
-    if problems:
-        print(f"✗ {title}: {len(problems)} problem{'s' * (len(problems) != 1)}")
-        for p in problems:
-            print(f"  - {p}")
-        return False
-    print(f"✓ {title}: all checks passed")
-    return True
-
-
-def _try(what: str, fn: Callable[[], Any], problems: list[str]) -> Any:
-    """``fn()``, or ``None`` with a plain-words problem appended when it raises."""
-    try:
-        return fn()
-    except NotImplementedError:
-        problems.append(f"{what} raised NotImplementedError: write your answer in its cell")
-    except Exception as exc:  # the answer may raise anything: report it
-        problems.append(_describe_exception(what, exc))
-    return None
-
-
 def _expected_checkerboard(h: int, w: int, invert: bool) -> Tensor:
     from nfcourse.flows import checkerboard_mask
 

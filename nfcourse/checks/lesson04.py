@@ -31,7 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from nfcourse.checks.core import check_flow
-from nfcourse.checks.lesson03 import _flow_layers, _independence, _report, _try
+from nfcourse.checks.lesson03 import _flow_layers, _independence
+from nfcourse.checks.reporting import attempt as _try
+from nfcourse.checks.reporting import fast_mode_bar
+from nfcourse.checks.reporting import report_problems as _report
 
 __all__ = [
     "squeeze_problems",
@@ -53,9 +56,7 @@ THRESHOLDS = {"full": 1.25, "mnist": 3.5, "digits": 6.0}
 
 def bpd_bar(source: str = "mnist") -> float:
     """The test-bpd bar of the training exercise: ``source`` is ``lesson_images().source``."""
-    from nfcourse.config import fast_mode
-
-    return THRESHOLDS["full"] if not fast_mode() else THRESHOLDS.get(source, THRESHOLDS["mnist"])
+    return fast_mode_bar(THRESHOLDS, source)
 
 
 def _log_normal(z: Tensor) -> Tensor:

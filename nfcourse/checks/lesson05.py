@@ -35,10 +35,11 @@ from torch import Tensor, nn
 
 from nfcourse.checks.core import (
     ReferenceUsedError,
-    _describe_exception,
     assert_independent,
     check_flow,
 )
+from nfcourse.checks.reporting import attempt as _try
+from nfcourse.checks.reporting import report_problems as _report
 
 __all__ = [
     "actnorm_problems",
@@ -57,29 +58,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------- helpers
-def _report(title: str, problems: list[str]) -> bool:
-    if problems:
-        print(f"✗ {title}: {len(problems)} problem{'s' * (len(problems) != 1)}")
-        for p in problems:
-            print(f"  - {p}")
-        return False
-    print(f"✓ {title}: all checks passed")
-    return True
-
-
-def _try(what: str, fn: Callable[[], Any], problems: list[str]) -> Any:
-    """``fn()``, or ``None`` with a plain-words problem appended when it raises."""
-    try:
-        return fn()
-    except NotImplementedError:
-        problems.append(f"{what} raised NotImplementedError: write your answer in its cell")
-    except ReferenceUsedError as err:
-        problems.append(f"{err} (an answer built on the reference gets no points)")
-    except Exception as exc:  # the answer may raise anything: report it
-        problems.append(_describe_exception(what, exc))
-    return None
-
-
 def _independence(answer: Any, *references: Any) -> list[str]:
     """A problem when ``answer`` imports, subclasses, wraps or calls a reference layer."""
     try:
