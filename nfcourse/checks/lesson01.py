@@ -437,6 +437,16 @@ def _report(title: str, fn: Callable[[], Any]) -> bool:
     return True
 
 
+def _build_failure(what: str, error: Exception) -> str:
+    """One line for a constructor that raised: the stub's NotImplementedError in plain words,
+    anything else with its type, message and the student's line."""
+    if isinstance(error, NotImplementedError):
+        return f"– {what}: not written yet (the answer cell still raises NotImplementedError)"
+    from nfcourse.checks.core import _describe_exception
+
+    return f"✗ building {_describe_exception(what, error)}"
+
+
 def _verdict(ok: bool) -> bool:
     print("All checks passed." if ok else "Some checks failed: fix them before grading.")
     return ok
@@ -456,8 +466,7 @@ def check_coupling(cls: Callable) -> bool:
         try:
             layer = perturbed(_build_coupling(cls, torch.tensor(mask)))
         except Exception as error:  # noqa: BLE001
-            print(f"✗ building MaskedAffineCoupling({mask}, hidden=16) raised "
-                  f"{type(error).__name__}: {error}")
+            print(_build_failure(f"MaskedAffineCoupling({mask}, hidden=16)", error))
             return _verdict(False)
         report = check_flow(layer, _batch(16), name=f"MaskedAffineCoupling(mask={mask})")
         print(report)
@@ -481,7 +490,7 @@ def check_realnvp(cls: Callable) -> bool:
     try:
         flow = perturbed(cls(n_layers=4, hidden=16))
     except Exception as error:  # noqa: BLE001
-        print(f"✗ RealNVP(n_layers=4, hidden=16) raised {type(error).__name__}: {error}")
+        print(_build_failure("RealNVP(n_layers=4, hidden=16)", error))
         flow = None
         ok = False
     if flow is not None:
