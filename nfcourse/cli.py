@@ -266,20 +266,21 @@ def default_image() -> Path:
 
 
 def recipe_cnf_image(args) -> Run:
-    from nfcourse.cnf import cnf_2d
+    """The continuous flow on an image's density: the recipe measured by
+    ``benchmarks/cnf_gif.py`` (:data:`nfcourse.cnf.CNF_2D_TRAINING`); ``nfcourse gif`` uses it too.
+    """
+    from nfcourse.cnf import CNF_2D_TRAINING, cnf_2d
 
-    fast = fast_mode()
     image = Path(args.image) if getattr(args, "image", None) else default_image()
     if not image.is_file():
         raise FileNotFoundError(f"image {image} not found (give one with --image PATH)")
-    model = cnf_2d(hidden=32 if fast else 64, steps=4 if fast else 8)
-    data = image_points(image, 2000 if fast else 20_000, seed=args.seed)
+    recipe = CNF_2D_TRAINING
     return Run(
-        model,
-        data,
+        cnf_2d(),
+        image_points(image, recipe["n_points"], seed=args.seed),
         None,
-        steps=50 if fast else 3000,
-        fit_kwargs=dict(lr=2e-3, batch_size=256 if fast else 512),
+        steps=recipe["steps"] if fast_mode() else recipe["steps_full"],
+        fit_kwargs=dict(lr=recipe["lr"], batch_size=recipe["batch_size"]),
         figure=_points_figure,
         info={"image": str(image)},
     )
@@ -418,16 +419,12 @@ def cmd_gif(args) -> int:
     fast = fast_mode()
     torch.manual_seed(args.seed)
     if not args.layers:
-        # The continuous flow's recipe measured by benchmarks/cnf_gif.py: 300 steps already
-        # draw a recognisable logo (KL ~0.2 nats) in about 20 s of CPU.
-        from nfcourse.cnf import CNF_2D_TRAINING, cnf_2d
-
-        recipe = CNF_2D_TRAINING
-        model = cnf_2d()
-        kind = "continuous flow"
-        data = image_points(image, recipe["n_points"], seed=args.seed)
-        steps = args.steps or (recipe["steps"] if fast else recipe["steps_full"])
-        lr, batch_size = recipe["lr"], recipe["batch_size"]
+        # the same recipe as `nfcourse train cnf-image`: 300 steps already draw a
+        # recognisable logo (KL ~0.2 nats) in about 20 s of CPU
+        run = recipe_cnf_image(argparse.Namespace(image=str(image), seed=args.seed))
+        model, data, kind = run.model, run.data, "continuous flow"
+        steps = args.steps or run.steps
+        lr, batch_size = run.fit_kwargs["lr"], run.fit_kwargs["batch_size"]
     else:
         from nfcourse.flows import realnvp_2d
 
