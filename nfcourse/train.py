@@ -37,10 +37,13 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor, nn
 
+import nfcourse.distributed as ddist
 from nfcourse.config import fast_mode
 
 __all__ = [
     "fit",
+    "evaluate",
+    "scaled_lr",
     "History",
     "NonFiniteLossError",
     "CheckpointError",
@@ -144,6 +147,7 @@ class History:
         steps: steps done (counting those of resumed runs).
         epochs: passes over the training data, ``steps * batch_size / N``.
         wall_time: seconds spent training (all runs together).
+        world_size: processes that trained it data-parallel (the last run's).
     """
 
     loss: list[float] = field(default_factory=list)
@@ -158,6 +162,7 @@ class History:
     batch_size: int = 0
     device: str = ""
     seed: int = 0
+    world_size: int = 1
 
     def __len__(self) -> int:
         return self.steps
@@ -491,29 +496,23 @@ def _epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=g)
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    data: Any,
-    *,
-    batch_size: int = 1024,
-    loss_fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
-    device: str | torch.device | None = None,
-    seed: int = 0,
-) -> float:
-    """Mean loss (the unit of ``model.loss``) over ``data``, in eval mode, without gradients.
+def _rank_seed(seed: int, rank: int) -> int:
+    """Rank 0 keeps ``seed`` (so one process in a group trains as without one); the others get
+    their own streams, so that their dequantization noise is independent."""
+    return int(seed) + 1_000_003 * int(rank)
 
-    The global RNG (dequantization noise) is seeded with ``seed`` inside and restored after,
-    so the number is reproducible and training randomness is untouched.
-    """
-    param = next(model.parameters(), None)
-    dev = (
-        torch.device(device)
-        if device is not None
-        else (param.device if param is not None else torch.device("cpu"))
-    )
-    x = _as_tensor(data, param.dtype if param is not None else torch.float32)
-    loss_of = (lambda b: loss_fn(model, b)) if loss_fn is not None else _default_loss(model)
+
+@torch.no_grad()
+def _loss_sum(
+    model: nn.Module,
+    x: Tensor,
+    loss_of: Callable[[Tensor], Tensor],
+    batch_size: int,
+    dev: torch.device,
+    seed: int,
+) -> tuple[float, int]:
+    """``(sum of per-batch mean loss * batch length, count)`` over ``x`` in eval mode, the
+    global RNG seeded with ``seed`` inside and restored after."""
     was_training = model.training
     model.eval()
     devices = (
@@ -531,7 +530,101 @@ def evaluate(
                 count += len(b)
     finally:
         model.train(was_training)
+    return total, count
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: Any,
+    *,
+    batch_size: int = 1024,
+    loss_fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    distributed: bool | None = None,
+) -> float:
+    """Mean loss (the unit of ``model.loss``) over ``data``, in eval mode, without gradients.
+
+    The global RNG (dequantization noise) is seeded with ``seed`` inside and restored after,
+    so the number is reproducible and training randomness is untouched. Under
+    ``torch.distributed`` (``distributed=None`` follows the process group) every process scores
+    its share of ``data`` and the mean is over all of it, the same on every rank.
+    """
+    param = next(model.parameters(), None)
+    dev = (
+        torch.device(device)
+        if device is not None
+        else (param.device if param is not None else torch.device("cpu"))
+    )
+    x = _as_tensor(data, param.dtype if param is not None else torch.float32)
+    loss_of = (lambda b: loss_fn(model, b)) if loss_fn is not None else _default_loss(model)
+    use_dist = ddist.is_distributed() if distributed is None else bool(distributed)
+    if use_dist:
+        r, w = ddist.rank(), ddist.world_size()
+        lo, hi = ddist.shard_bounds(len(x), r, w)
+        total, count = _loss_sum(model, x[lo:hi], loss_of, batch_size, dev, _rank_seed(seed, r))
+        sums = ddist.all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64,
+                                                 device=_collective_device(dev)))
+        total, count = float(sums[0]), int(sums[1])
+    else:
+        total, count = _loss_sum(model, x, loss_of, batch_size, dev, seed)
     return total / max(count, 1)
+
+
+def _collective_device(dev: torch.device) -> torch.device:
+    """Where small tensors for collectives live: NCCL needs CUDA ones, gloo takes either."""
+    if ddist.is_distributed() and torch.distributed.get_backend() == "nccl":
+        return dev
+    return torch.device("cpu")
+
+
+def scaled_lr(
+    lr: float, batch_size: int, base_batch_size: int = 128, rule: str = "sqrt"
+) -> float:
+    """The learning rate for ``batch_size`` when ``lr`` was tuned at ``base_batch_size``.
+
+    ``"sqrt"``: ``lr * sqrt(B / B0)`` (the usual rule for Adam: the gradient noise falls as
+    ``1/sqrt(B)``); ``"linear"``: ``lr * B / B0`` (Goyal et al. 2017, "Accurate, large
+    minibatch SGD", for SGD). Pair a scaled rate with a warm-up (``fit(..., warmup=...)``):
+    large rates on an untrained flow are what makes log-dets blow up.
+
+    Example:
+        >>> scaled_lr(1e-3, 512, 128)
+        0.002
+    """
+    if batch_size <= 0 or base_batch_size <= 0:
+        raise ValueError(f"batch sizes must be positive, got {batch_size} and {base_batch_size}")
+    ratio = batch_size / base_batch_size
+    if rule == "sqrt":
+        return lr * math.sqrt(ratio)
+    if rule == "linear":
+        return lr * ratio
+    raise ValueError(f"unknown rule {rule!r}; use 'sqrt' or 'linear'")
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool, dev: torch.device) -> Iterator[None]:
+    """TF32 matmuls and convolutions on or off for the block (CUDA only), restored after."""
+    if dev.type != "cuda":
+        yield
+        return
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _needs_data_init(model: nn.Module) -> bool:
+    """True when some layer initialises itself from the first batch it sees (ActNorm's
+    boolean ``initialized`` buffer still False)."""
+    return any(
+        name.rsplit(".", 1)[-1] == "initialized" and b.dtype == torch.bool and not bool(b.all())
+        for name, b in model.named_buffers()
+    )
 
 
 def fit(
@@ -556,6 +649,12 @@ def fit(
     progress: bool = True,
     loss_fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
     desc: str | None = None,
+    callback: Callable[[int, History], bool | None] | None = None,
+    distributed: bool | None = None,
+    compile: bool | str = False,
+    channels_last: bool = False,
+    fused: bool | None = None,
+    tf32: bool = False,
 ) -> History:
     """Train ``model`` by minimising its loss on ``data`` with Adam(W); returns a History.
 
@@ -567,23 +666,45 @@ def fit(
         steps / epochs: how long to train (give one; ``epochs`` may be fractional). Neither:
             one epoch.
         batch_size, lr, weight_decay: AdamW settings (``weight_decay=0`` is plain Adam).
+            ``batch_size`` is the global batch: under ``torch.distributed`` it is shared out
+            over the processes. For larger batches see :func:`scaled_lr`.
         schedule: ``"cosine"`` (default), ``"onecycle"``, ``"constant"``, ``"step"`` or a
             callable ``f(step, total) -> factor``; ``warmup`` linear warm-up steps. See
             :func:`lr_factor`.
         grad_clip: clip the gradient's total norm to this value.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ... The model is
-            moved there and stays there.
+            moved there and stays there. Under ``torch.distributed``, ``"auto"`` is the
+            process's own GPU (``cuda:$LOCAL_RANK``).
         seed: fixes the batch order and the training randomness (the global torch RNG is
-            seeded with it when a fresh run starts).
+            seeded with it when a fresh run starts; rank ``r > 0`` of a process group uses a
+            stream of its own).
         val_data, val_every: evaluate the mean loss on ``val_data`` every ``val_every``
             steps (default: once per epoch) and at the end.
         checkpoint, checkpoint_every: write model, optimizer, RNG states, step and history
-            to this file every ``checkpoint_every`` steps, at the end, and on Ctrl-C.
+            to this file every ``checkpoint_every`` steps, at the end, and on Ctrl-C (rank 0
+            writes it; every rank reads it to resume).
         resume: ``None`` (default) resumes from ``checkpoint`` when that file exists;
             ``True`` demands it (a missing or corrupt file is a :class:`CheckpointError`);
             ``False`` starts afresh and overwrites it.
-        progress: show a tqdm progress bar with the running loss.
-        loss_fn: ``loss_fn(model, batch) -> scalar`` to use instead of ``model.loss``.
+        progress: show a tqdm progress bar with the running loss (rank 0 only).
+        loss_fn: ``loss_fn(model, batch) -> scalar`` to use instead of ``model.loss``. It
+            must be a mean over the batch (data-parallel training weights it by share size).
+        callback: ``callback(step, history)`` after every step (on every rank); returning
+            True stops training there (rank 0's answer counts), e.g. for a wall-clock budget.
+        distributed: ``None`` (default) trains data-parallel when a ``torch.distributed``
+            process group is initialised (or torchrun's variables are set: see
+            :func:`nfcourse.distributed.init_from_env`); ``False`` never does. See
+            :mod:`nfcourse.distributed` for what is and is not the same as one process.
+        compile: ``torch.compile`` the loss computation (``True``, or a mode such as
+            ``"max-autotune"`` or ``"reduce-overhead"``, which adds CUDA graphs). The first
+            steps are slow while it compiles.
+        channels_last: store the model's 4-D weights and the image batches channels-last
+            (faster convolutions on tensor-core GPUs; the numbers are the same).
+        fused: the fused (one-kernel) AdamW; ``None`` uses it on CUDA.
+        tf32: allow TF32 matmuls and convolutions on CUDA during training (faster on Ampere
+            and later GPUs, with 10-bit mantissas). Off by default: fit turns PyTorch's
+            cuDNN TF32 default off for the run, because a 1x1 convolution evaluated in TF32
+            no longer matches the ``slogdet`` of its weight to float32 precision.
 
     Raises:
         NonFiniteLossError: the loss or gradient went NaN/Inf; the message names the step and
@@ -594,11 +715,25 @@ def fit(
         raise ValueError("give steps or epochs, not both")
     if not callable(schedule) and schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; use one of {SCHEDULES} or a callable")
+    if distributed is None:
+        distributed = ddist.init_from_env()
+    elif distributed and not ddist.is_distributed():
+        raise RuntimeError(
+            "fit(distributed=True) needs an initialised torch.distributed process group "
+            "(launch with torchrun, or nfcourse.distributed.launch)"
+        )
+    world = ddist.world_size() if distributed else 1
+    rank = ddist.rank() if distributed else 0
+    main = rank == 0
+    if distributed and (device is None or device == "auto") and torch.cuda.is_available():
+        device = f"cuda:{ddist.local_rank()}"
     dev = resolve_device(device)
     model.to(dev)
     param = next(model.parameters(), None)
     if param is None:
         raise ValueError(f"{type(model).__name__} has no parameters to train")
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     x = _as_tensor(data, param.dtype)
     n = len(x)
     if n == 0:
@@ -614,8 +749,14 @@ def fit(
     loss_of = (lambda b: loss_fn(model, b)) if loss_fn is not None else _default_loss(model)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    history = History(unit=unit, batch_size=batch_size, device=str(dev), seed=seed)
+    if fused is None:
+        fused = dev.type == "cuda" and all(p.is_floating_point() for p in params)
+    optimizer = torch.optim.AdamW(
+        params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {})
+    )
+    history = History(
+        unit=unit, batch_size=batch_size, device=str(dev), seed=seed, world_size=world
+    )
     start = 0
 
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
@@ -630,11 +771,18 @@ def fit(
             raise CheckpointError(
                 f"checkpoint {ckpt_path} does not fit this model/optimizer: {err}"
             ) from err
-        _set_rng_state(state["rng"], dev)
         saved = state.get("config", {})
-        now = {"batch_size": batch_size, "seed": seed, "n": n}
+        now = {"batch_size": batch_size, "seed": seed, "n": n, "world_size": world}
+        saved = {"world_size": 1, **saved}  # checkpoints from before world_size was saved
         changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
-        if changed:
+        ranks_rng = state.get("rng_ranks")
+        if ranks_rng is not None and len(ranks_rng) == world:
+            _set_rng_state(ranks_rng[rank], dev)
+        elif world == 1 or rank == 0:
+            _set_rng_state(state["rng"], dev)
+        else:  # no saved stream for this rank: a fresh one that differs from rank 0's
+            torch.manual_seed(_rank_seed(seed, rank) + int(state["step"]))
+        if changed and main:
             warnings.warn(
                 f"resuming {ckpt_path} with other settings than it was written with "
                 f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}); training "
@@ -644,6 +792,7 @@ def fit(
         start = int(state["step"])
         history = History.from_dict(state["history"])
         history.device = str(dev)
+        history.world_size = world
     else:
         torch.manual_seed(seed)
 
@@ -651,8 +800,68 @@ def fit(
     x = _place(x, dev)
     on_device = x.device == dev
 
-    def make_state(step: int, rng: dict[str, Any]) -> dict[str, Any]:
-        return {
+    def global_batch(step: int) -> Tensor:
+        """Indices of the whole batch of ``step`` (the same on every rank)."""
+        nonlocal perm, perm_epoch
+        epoch, j = divmod(step, per_epoch)
+        if epoch != perm_epoch:
+            perm = _epoch_permutation(n, seed, epoch)
+            perm = perm.to(dev) if on_device else perm
+            perm_epoch = epoch
+        return perm[j * batch_size : (j + 1) * batch_size]
+
+    def fetch(idx: Tensor) -> Tensor:
+        batch = x[idx] if on_device else x[idx].to(dev, non_blocking=True)
+        if channels_last and batch.dim() == 4:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    perm: Tensor | None = None
+    perm_epoch = -1
+
+    if distributed and start == 0 and _needs_data_init(model):
+        # Data-dependent layers (ActNorm) initialise from the first batch they see. One process
+        # sees the whole first batch with the noise of `seed`; do exactly that on every rank
+        # before DDP copies rank 0's parameters to all, so the start is the same as on one.
+        was = model.training
+        model.train()
+        with torch.no_grad(), torch.random.fork_rng(
+            devices=[dev.index] if dev.type == "cuda" and dev.index is not None else []
+        ):
+            torch.manual_seed(seed)
+            loss_of(fetch(global_batch(0)))
+        model.train(was)
+    if distributed and start == 0 and rank > 0:
+        torch.manual_seed(_rank_seed(seed, rank))
+
+    # What a step calls: the loss itself, or a module around it (DDP needs its own forward
+    # to be called to synchronise gradients; torch.compile compiles a module).
+    step_fn: Callable[..., Tensor] | None = None
+    wrapper: nn.Module | None = None
+    if distributed or compile:
+        wrapper = ddist.LossModule(model, loss_of)
+        if distributed:
+            import inspect
+
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Flows keep no running statistics: no buffer broadcast before every forward
+            # (the one at construction stays). The option's name changed in torch 2.13.
+            no_sync = (
+                {"forward_sync_buffers": False}
+                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                else {"broadcast_buffers": False}
+            )
+            wrapper = DistributedDataParallel(
+                wrapper, device_ids=[dev.index] if dev.type == "cuda" else None, **no_sync
+            )
+        step_fn = wrapper
+        if compile:
+            mode = compile if isinstance(compile, str) else None
+            step_fn = torch.compile(wrapper, mode=mode)
+
+    def make_state(step: int, rng: dict[str, Any], rng_ranks: list | None) -> dict[str, Any]:
+        state = {
             "version": CHECKPOINT_VERSION,
             "step": step,
             "model": model.state_dict(),
@@ -665,11 +874,25 @@ def fit(
             },
             "rng": rng,
             "history": history.to_dict(),
-            "config": {"batch_size": batch_size, "seed": seed, "n": n},
+            "config": {"batch_size": batch_size, "seed": seed, "n": n, "world_size": world},
         }
+        if rng_ranks is not None:
+            state["rng_ranks"] = rng_ranks
+        return state
+
+    def save(step: int, rng: dict[str, Any], collective: bool = True) -> None:
+        """Rank 0 writes the checkpoint (with every rank's RNG state when ``collective``);
+        the others wait until it is on disk."""
+        rng_ranks = None
+        if distributed and collective:
+            rng_ranks = ddist.all_gather_objects({k: v.cpu() for k, v in rng.items()})
+        if main:
+            save_checkpoint(ckpt_path, make_state(step, rng, rng_ranks))
+        if distributed and collective:
+            ddist.barrier()
 
     bar = None
-    if progress and start < steps:
+    if progress and main and start < steps:
         from tqdm.auto import tqdm
 
         bar = tqdm(
@@ -683,97 +906,117 @@ def fit(
 
     was_training = model.training
     model.train()
-    perm: Tensor | None = None
-    perm_epoch = -1
     running = None
     t_start = time.perf_counter()
     wall_before = history.wall_time
     step = start
     rng_done = _rng_state(dev)  # the RNG state after the last completed step
+    coll_dev = _collective_device(dev)
     try:
-        while step < steps:
-            epoch, j = divmod(step, per_epoch)
-            if epoch != perm_epoch:
-                perm = _epoch_permutation(n, seed, epoch)
-                perm = perm.to(dev) if on_device else perm
-                perm_epoch = epoch
-            idx = perm[j * batch_size : (j + 1) * batch_size]
-            batch = x[idx] if on_device else x[idx].to(dev, non_blocking=True)
+        with _tf32(tf32, dev):
+            while step < steps:
+                idx = global_batch(step)
+                weight = 1.0
+                if distributed:
+                    lo, hi = ddist.shard_bounds(len(idx), rank, world)
+                    # An empty share still runs (one example, weight 0) so that every rank
+                    # joins the gradient all-reduce.
+                    weight = world * (hi - lo) / len(idx)
+                    idx = idx[lo:hi] if hi > lo else idx[:1]
+                batch = fetch(idx)
 
-            rate = lr * lr_factor(schedule, step, steps, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = rate
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_of(batch)
-            if loss.dim() != 0:
-                raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
-            loss.backward()
-            max_norm = grad_clip if grad_clip is not None else float("inf")
-            gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            loss_val, gnorm_val = torch.stack([loss.detach().float(), gnorm.float()]).tolist()
-            if not math.isfinite(loss_val):
+                rate = lr * lr_factor(schedule, step, steps, warmup)
+                for group in optimizer.param_groups:
+                    group["lr"] = rate
                 optimizer.zero_grad(set_to_none=True)
-                _set_rng_state(rng_done, dev)  # replay the same noise
-                raise diagnose_non_finite(model, batch, loss_of, step)
-            if not math.isfinite(gnorm_val):
-                bad = [
-                    name
-                    for name, p in model.named_parameters()
-                    if p.grad is not None and not bool(torch.isfinite(p.grad).all())
-                ]
-                layer = _enclosing_flow_layer(model, bad[0].rsplit(".", 1)[0]) if bad else None
-                raise NonFiniteLossError(
-                    f"non-finite gradient at step {step} (the loss {loss_val:.4g} was finite): "
-                    f"first parameter with a NaN/Inf gradient: {bad[0] if bad else '?'}"
-                    + (f" in flow layer '{layer}'" if layer else "")
-                    + ". "
-                    + NON_FINITE_HINTS,
-                    step=step,
-                    layer=layer or (bad[0] if bad else None),
-                    where="gradient",
-                )
-            optimizer.step()
-            step += 1
-            rng_done = _rng_state(dev)
-            history.loss.append(loss_val)
-            history.lr.append(rate)
-            history.grad_norm.append(gnorm_val)
-            history.steps = step
-            history.epochs = step * batch_size / n
-            running = loss_val if running is None else 0.98 * running + 0.02 * loss_val
-
-            if val_x is not None and (step % val_every == 0 or step == steps):
-                if not history.val_step or history.val_step[-1] != step:
-                    history.val.append(
-                        evaluate(
-                            model,
-                            val_x,
-                            batch_size=max(batch_size, 1024),
-                            loss_fn=loss_fn,
-                            device=dev,
-                            seed=seed,
-                        )
+                loss = step_fn(batch, weight) if step_fn is not None else loss_of(batch)
+                if loss.dim() != 0:
+                    raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
+                loss.backward()
+                max_norm = grad_clip if grad_clip is not None else float("inf")
+                gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                loss_t = loss.detach().float()
+                if distributed:
+                    loss_t = ddist.all_reduce_sum(loss_t.to(coll_dev)).to(loss_t.device) / world
+                loss_val, gnorm_val = torch.stack([loss_t, gnorm.float()]).tolist()
+                if not math.isfinite(loss_val):
+                    optimizer.zero_grad(set_to_none=True)
+                    _set_rng_state(rng_done, dev)  # replay the same noise
+                    raise diagnose_non_finite(model, batch, loss_of, step)
+                if not math.isfinite(gnorm_val):
+                    bad = [
+                        name
+                        for name, p in model.named_parameters()
+                        if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+                    ]
+                    layer = (
+                        _enclosing_flow_layer(model, bad[0].rsplit(".", 1)[0]) if bad else None
                     )
-                    history.val_step.append(step)
-                    model.train()
-            if bar is not None:
-                post = f"loss {running:.4f} {unit}"
-                if history.val:
-                    post += f", val {history.val[-1]:.4f}"
-                bar.set_postfix_str(post, refresh=False)
-                bar.update(1)
-            if (
-                ckpt_path is not None
-                and checkpoint_every
-                and step % checkpoint_every == 0
-                and step < steps
-            ):
+                    raise NonFiniteLossError(
+                        f"non-finite gradient at step {step} (the loss {loss_val:.4g} was "
+                        f"finite): first parameter with a NaN/Inf gradient: "
+                        f"{bad[0] if bad else '?'}"
+                        + (f" in flow layer '{layer}'" if layer else "")
+                        + ". "
+                        + NON_FINITE_HINTS,
+                        step=step,
+                        layer=layer or (bad[0] if bad else None),
+                        where="gradient",
+                    )
+                optimizer.step()
+                step += 1
+                rng_done = _rng_state(dev)
+                history.loss.append(loss_val)
+                history.lr.append(rate)
+                history.grad_norm.append(gnorm_val)
+                history.steps = step
+                history.epochs = step * batch_size / n
                 history.wall_time = wall_before + time.perf_counter() - t_start
-                save_checkpoint(ckpt_path, make_state(step, rng_done))
+                running = loss_val if running is None else 0.98 * running + 0.02 * loss_val
+
+                if val_x is not None and (step % val_every == 0 or step == steps):
+                    if not history.val_step or history.val_step[-1] != step:
+                        history.val.append(
+                            evaluate(
+                                model,
+                                val_x,
+                                batch_size=max(batch_size, 1024),
+                                loss_fn=loss_fn,
+                                device=dev,
+                                seed=seed,
+                                distributed=distributed,
+                            )
+                        )
+                        history.val_step.append(step)
+                        model.train()
+                if bar is not None:
+                    post = f"loss {running:.4f} {unit}"
+                    if history.val:
+                        post += f", val {history.val[-1]:.4f}"
+                    bar.set_postfix_str(post, refresh=False)
+                    bar.update(1)
+                stop = False
+                if callback is not None:
+                    stop = bool(callback(step, history))
+                    if distributed:  # rank 0 decides, so every rank stops at the same step
+                        flag = torch.tensor([float(stop and main)], device=coll_dev)
+                        stop = bool(ddist.all_reduce_sum(flag).item() > 0)
+                if (
+                    ckpt_path is not None
+                    and checkpoint_every
+                    and step % checkpoint_every == 0
+                    and step < steps
+                    and not stop
+                ):
+                    history.wall_time = wall_before + time.perf_counter() - t_start
+                    save(step, rng_done)
+                if stop:
+                    break
     except KeyboardInterrupt:
         if ckpt_path is not None and step > start:
             history.wall_time = wall_before + time.perf_counter() - t_start
-            save_checkpoint(ckpt_path, make_state(step, rng_done))
+            # No collectives here: the other ranks may already be gone.
+            save(step, rng_done, collective=False)
             if bar is not None:
                 bar.write(f"interrupted at step {step}; checkpoint saved to {ckpt_path}")
         raise
@@ -781,8 +1024,11 @@ def fit(
         if bar is not None:
             bar.close()
         model.train(was_training)
+        # Drop DDP's gradient hooks with the wrapper, so that the model trains on as usual
+        # (or under a new wrapper) afterwards.
+        del step_fn, wrapper
 
     history.wall_time = wall_before + time.perf_counter() - t_start
     if ckpt_path is not None:
-        save_checkpoint(ckpt_path, make_state(step, _rng_state(dev)))
+        save(step, _rng_state(dev))
     return history
