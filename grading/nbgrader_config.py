@@ -89,6 +89,28 @@ try:
         OverwriteCells,
         CheckCellMetadata,
     ]
+    # nbgrader's pipeline with its Execute replaced: the kernel runs in a sandbox, survives
+    # crashes, has a time budget and an output cap, and the lesson's independent check runs
+    # in this process afterwards (nfcourse/grade/execute.py).
+    from nbconvert.preprocessors import ClearMetadataPreprocessor
+    from nbgrader.preprocessors import (
+        AssignLatePenalties,
+        IgnorePattern,
+        LimitOutput,
+        SaveAutoGrades,
+    )
+
+    from nfcourse.grade.execute import GradingExecute
+
+    c.Autograde.autograde_preprocessors = [
+        GradingExecute,
+        IgnorePattern,
+        ClearMetadataPreprocessor,
+        LimitOutput,
+        SaveAutoGrades,
+        AssignLatePenalties,
+        CheckCellMetadata,
+    ]
 except ImportError:  # nfcourse not installed: plain nbgrader behaviour
     pass
 # Progress bars write to stderr; drop those outputs from the graded copy and the feedback.
@@ -96,6 +118,15 @@ c.IgnorePattern.enabled = True
 c.IgnorePattern.pattern = r"\d+%\|[^|]*\|"
 c.LimitOutput.max_lines = 200
 c.LimitOutput.max_traceback = 60
+
+# --- the sandbox (nfcourse/grade/sandbox.py): limits of one grading kernel ---------------
+c.SandboxedKernelManager.memory_mb = 3072
+c.SandboxedKernelManager.processes = 128
+c.SandboxedKernelManager.tmp_mb = 256
+c.SandboxedKernelManager.file_mb = 64
+# Whole-notebook budget (seconds) and printed output kept (MB); per-cell timeouts below.
+c.GradingExecute.notebook_timeout = 900
+c.GradingExecute.output_mb = 2.0
 
 # --- nfcourse's own settings (read by nfcourse.grade, ignored by nbgrader) ---------------
 # Per-lesson cell timeout in seconds for autograding (fast mode).

@@ -27,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the course folder (default: $NFCOURSE_COURSE_ROOT, else found from the working "
         "directory)",
     )
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        help="the gradebook's database, e.g. postgresql://grader@127.0.0.1/nfcourse (default: "
+        "grading/gradebook.db, SQLite; several workers need PostgreSQL)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show nbgrader's log")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -47,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("lesson")
     p.add_argument("--student", help="one student (default: every submission)")
     p.add_argument("--force", action="store_true", help="grade again even if already graded")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="grade N submissions at once (one GPU each when there are several; "
+                   "needs --db postgresql://...)")
+    p.add_argument("--unsandboxed", action="store_true",
+                   help="grade even though this machine cannot isolate submissions (UNSAFE: "
+                   "student code runs with your permissions)")
 
     p = sub.add_parser("feedback", help="write HTML feedback for autograded submissions")
     p.add_argument("lesson")
@@ -81,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(message)s")
     logging.getLogger("nfcourse.grade").setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
-        course = Course(args.course_root)
+        course = Course(args.course_root, db_url=args.db)
         if args.command == "release":
             for lesson in commands.release(course, args.lesson):
                 print(f"released {course.release_dir / lesson}")
@@ -95,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                 print("nothing collected", file=sys.stderr)
                 return 1
         elif args.command == "autograde":
-            graded = commands.autograde(course, args.lesson, args.student, force=args.force)
+            graded = commands.autograde(course, args.lesson, args.student, force=args.force,
+                                        workers=args.workers, unsandboxed=args.unsandboxed)
             if not graded:
                 print(f"no submissions of {args.lesson}", file=sys.stderr)
                 return 1

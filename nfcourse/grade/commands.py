@@ -40,6 +40,7 @@ __all__ = [
     "grading_env",
     "setenv",
     "autograde",
+    "sandbox_problems",
     "feedback",
     "export_csv",
     "collect",
@@ -79,9 +80,13 @@ class Course:
         ['01_two_moons_realnvp']
     """
 
-    def __init__(self, root: str | os.PathLike | None = None):
+    def __init__(self, root: str | os.PathLike | None = None, db_url: str | None = None):
         self.root: Path = find_course_root(root)
         self.config: Config = load_config(self.root)
+        if db_url:
+            # e.g. postgresql://grader@db.example.org/nfcourse: one gradebook for many
+            # workers or machines (nbgrader's default is grading/gradebook.db, SQLite).
+            self.config.CourseDirectory.db_url = db_url
 
     # -- paths --------------------------------------------------------------------------
     def _dir(self, step: str) -> Path:
@@ -277,16 +282,92 @@ def grading_env(course: Course) -> dict[str, str]:
     return {**kernel_env(course.config), **_tools_env()}
 
 
+def sandbox_problems(course: Course) -> list[str]:
+    """What stops grading from isolating submissions here (empty when nothing does)."""
+    from nfcourse.grade.sandbox import isolation_problems
+
+    return isolation_problems()
+
+
+def _check_isolation(course: Course, unsandboxed: bool) -> Config:
+    """The grading config: sandboxed, or refused, or (explicitly) not sandboxed."""
+    config = copy.deepcopy(course.config)
+    if unsandboxed:
+        log.warning("grading WITHOUT a sandbox (--unsandboxed): submissions run with your "
+                    "permissions and can read and change your files")
+        config.SandboxedKernelManager.enabled = False
+        return config
+    problems = sandbox_problems(course)
+    if problems:
+        raise GradeError(
+            "cannot isolate submissions on this machine:\n  - " + "\n  - ".join(problems)
+            + "\nFix that (see grading/README.md), or pass --unsandboxed to grade without "
+            "isolation (student code then runs with your permissions).")
+    return config
+
+
+def _autograde_one(course: Course, lesson: str, student: str | None, config: Config,
+                   force: bool) -> None:
+    from nbgrader.converters import Autograde
+
+    config.Execute.timeout = lesson_timeout(course.config, lesson)
+    coursedir = course.coursedir(assignment_id=lesson, student_id=student or "*")
+    with setenv(grading_env(course)):
+        _run(Autograde, course, coursedir, config, force=force, create_student=True)
+
+
+def _worker_init(devices) -> None:
+    """Give each worker process one GPU when there are several (round robin)."""
+    if devices is None:
+        return
+    try:
+        device = devices.get_nowait()
+    except Exception:  # noqa: BLE001  (more workers than GPUs: share them)
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(device)
+
+
+def _worker_grade(root: str, db_url: str | None, lesson: str, student: str, force: bool,
+                  unsandboxed: bool) -> tuple[str, str | None]:
+    """One submission, in a worker process; returns (student, error or None)."""
+    _quiet_warnings()
+    try:
+        course = Course(root, db_url=db_url)
+        config = _check_isolation(course, unsandboxed)
+        _autograde_one(course, lesson, student, config, force)
+    except Exception as error:  # noqa: BLE001  (reported per student by the parent)
+        return student, f"{type(error).__name__}: {error}"
+    return student, None
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        return 0
+
+
 def autograde(
-    course: Course, lesson: str, student: str | None = None, *, force: bool = False
+    course: Course,
+    lesson: str,
+    student: str | None = None,
+    *,
+    force: bool = False,
+    workers: int = 1,
+    unsandboxed: bool = False,
 ) -> list[str]:
     """Execute and score the submissions of ``lesson`` (one ``student`` or all of them).
 
-    Runs with the lesson's cell timeout and the grading kernel environment (fast mode, no
-    progress bars) from the config. Returns the students graded.
+    Each submission's kernel runs in a sandbox (:mod:`nfcourse.grade.sandbox`) with the
+    lesson's cell timeout and the grading kernel environment (fast mode, no progress bars)
+    from the config; grading refuses to run where isolation is impossible unless
+    ``unsandboxed=True``. ``workers > 1`` grades that many submissions at once, each in its
+    own process (one GPU each when there are several); it needs a gradebook that takes
+    concurrent writers (PostgreSQL: ``Course(db_url=...)``). Returns the students graded;
+    raises :class:`GradeError` naming every submission that could not be graded.
     """
-    from nbgrader.converters import Autograde
-
     lesson = course.check_lesson(lesson)
     students = [student] if student else course.students(lesson)
     missing = [s for s in students if not (course.submitted_dir / s / lesson).is_dir()]
@@ -295,14 +376,40 @@ def autograde(
             f"no submission of {lesson} for {', '.join(missing)} under {course.submitted_dir}"
             " (use `nfcourse grade collect`)"
         )
+    if workers < 1:
+        raise GradeError(f"--workers must be at least 1, not {workers}")
+    if workers > 1 and course.db_url.startswith("sqlite"):
+        raise GradeError(
+            f"--workers {workers} needs a gradebook that takes concurrent writers: pass "
+            "--db postgresql://USER@HOST/DB (SQLite, nbgrader's default, is for one worker)")
+    config = _check_isolation(course, unsandboxed)
     if not students:
         return []
     ensure_gradebook(course, lesson)
-    config = copy.deepcopy(course.config)
-    config.Execute.timeout = lesson_timeout(course.config, lesson)
-    coursedir = course.coursedir(assignment_id=lesson, student_id=student or "*")
-    with setenv(grading_env(course)):
-        _run(Autograde, course, coursedir, config, force=force, create_student=True)
+    if workers == 1 or len(students) == 1:
+        _autograde_one(course, lesson, student, config, force)
+        return students
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    gpus = _gpu_count()
+    devices = None
+    if gpus > 1:
+        devices = context.Manager().Queue()
+        for k in range(workers):
+            devices.put(k % gpus)
+    failures = {}
+    with ProcessPoolExecutor(max_workers=min(workers, len(students)), mp_context=context,
+                             initializer=_worker_init, initargs=(devices,)) as pool:
+        futures = [pool.submit(_worker_grade, str(course.root), course.db_url, lesson, s,
+                               force, unsandboxed) for s in students]
+        for future in futures:
+            name, error = future.result()
+            if error is not None:
+                failures[name] = error
+    if failures:
+        raise GradeError("could not grade: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
     return students
 
 

@@ -1,0 +1,257 @@
+"""The pieces every lesson's independent check is made of.
+
+* :class:`Oracle`: asks the student's kernel to run a short query and returns the arrays it
+  printed back (float64, decoded in the grader; nothing from the kernel is unpickled or
+  executed here).
+* :class:`Verdict`: pass or fail of one graded test cell, with the reason in plain words.
+* :class:`Verifier`: a lesson's checks, one per graded test cell, plus a scan of the
+  student's cells for uses of the package's reference implementations.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import json
+import re
+import secrets
+import textwrap
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Oracle", "LocalOracle", "OracleError", "Verdict", "Verifier", "verifier_for",
+           "KERNEL_PREAMBLE"]
+
+
+class OracleError(RuntimeError):
+    """The kernel did not answer a query with well-formed numbers."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The independent check's decision on one graded test cell."""
+
+    grade_id: str
+    passed: bool
+    message: str
+
+    def to_dict(self) -> dict:
+        return {"grade_id": self.grade_id, "passed": self.passed, "message": self.message}
+
+
+#: Sent once before the queries: helpers the queries use. Names start with ``_nfv`` so they
+#: do not clobber the student's; redefining them from a submission changes nothing, since
+#: this runs after every cell of the notebook.
+KERNEL_PREAMBLE = r'''
+import base64 as _nfv_b64, json as _nfv_json, sys as _nfv_sys
+import numpy as _nfv_np
+import torch as _nfv_torch
+_nfv_store = {}
+
+def _nfv_decode(spec):
+    data = _nfv_np.frombuffer(_nfv_b64.b64decode(spec["data"]), dtype="<f8")
+    return data.reshape(spec["shape"]).copy()
+
+def _nfv_encode(value):
+    if isinstance(value, _nfv_torch.Tensor):
+        value = value.detach().to("cpu", _nfv_torch.float64).numpy()
+    array = _nfv_np.ascontiguousarray(_nfv_np.asarray(value, dtype="<f8"))
+    return {"shape": list(array.shape), "data": _nfv_b64.b64encode(array.tobytes()).decode()}
+
+def _nfv_prep(module, seed, std):
+    """Float64 and parameters drawn from N(0, std^2): a layer that only works at its
+    zero initialisation (the identity) shows itself."""
+    module = module.double()
+    gen = _nfv_torch.Generator().manual_seed(int(seed))
+    with _nfv_torch.no_grad():
+        for p in module.parameters():
+            p.copy_(_nfv_torch.randn(p.shape, generator=gen, dtype=_nfv_torch.float64) * std)
+    return module
+
+class _NfvCoupling(_nfv_torch.nn.Module):
+    """A coupling whose maths the grader knows: z_free = x_free e^s + t with
+    s = 0.6 tanh(x_kept + 0.3), t = 0.8 sin(x_kept)."""
+    def __init__(self, mask, hidden=0):
+        super().__init__()
+        self.register_buffer("mask", _nfv_torch.as_tensor(mask).detach().clone().double().flatten())
+        self.gain = _nfv_torch.nn.Parameter(_nfv_torch.tensor(0.6, dtype=_nfv_torch.float64))
+    def _st(self, kept):
+        k = (kept * self.mask).sum(dim=1, keepdim=True)
+        return self.gain * _nfv_torch.tanh(k + 0.3), 0.8 * _nfv_torch.sin(k)
+    def forward(self, x, context=None):
+        s, t = self._st(x)
+        free = 1 - self.mask
+        return x * self.mask + free * (x * _nfv_torch.exp(s) + t), (s * free).sum(dim=1)
+    def inverse(self, z, context=None):
+        s, t = self._st(z)
+        free = 1 - self.mask
+        return z * self.mask + free * ((z - t) * _nfv_torch.exp(-s)), -(s * free).sum(dim=1)
+
+class _NfvAffineFlow(_nfv_torch.nn.Module):
+    """z = x A^T + b with A and b sent by the grader."""
+    def __init__(self, a, b):
+        super().__init__()
+        self.a = _nfv_torch.nn.Parameter(_nfv_torch.as_tensor(a))
+        self.b = _nfv_torch.nn.Parameter(_nfv_torch.as_tensor(b))
+    def forward(self, x, context=None):
+        logdet = _nfv_torch.linalg.slogdet(self.a)[1]
+        return x @ self.a.T + self.b, logdet.expand(x.shape[0])
+    def inverse(self, z, context=None):
+        logdet = _nfv_torch.linalg.slogdet(self.a)[1]
+        return (z - self.b) @ _nfv_torch.linalg.inv(self.a).T, -logdet.expand(z.shape[0])
+'''
+
+
+def _encode(array: np.ndarray) -> dict:
+    array = np.ascontiguousarray(np.asarray(array, dtype="<f8"))
+    return {"shape": list(array.shape), "data": base64.b64encode(array.tobytes()).decode()}
+
+
+def _decode(spec) -> np.ndarray:
+    if not isinstance(spec, dict) or not isinstance(spec.get("shape"), list):
+        raise OracleError("the kernel's answer is not an array")
+    shape = [int(s) for s in spec["shape"]]
+    raw = base64.b64decode(str(spec.get("data", "")), validate=True)
+    if len(raw) != 8 * int(np.prod(shape, dtype=np.int64)):
+        raise OracleError("the kernel's answer has the wrong size")
+    return np.frombuffer(raw, dtype="<f8").reshape(shape).copy()
+
+
+class Oracle:
+    """Runs queries in the student's kernel through ``execute(code) -> printed text``.
+
+    ``query(code, inputs)`` runs ``code`` as the body of a function of ``inp`` (the float64
+    arrays sent) that fills a dict ``out``; it returns ``out`` as float64 NumPy arrays, or
+    raises :class:`OracleError` with the kernel's error message.
+    """
+
+    def __init__(self, execute: Callable[[str, float], str], timeout: float = 60.0):
+        self._execute = execute
+        self.timeout = timeout
+        self._ready = False
+
+    def _run(self, code: str, timeout: float | None = None) -> dict:
+        marker = f"@@nfv-{secrets.token_hex(8)}@@"
+        program = (
+            f"{code}\n"
+            f"print({marker!r} + _nfv_json.dumps(_nfv_result), flush=True)\n"
+        )
+        text = self._execute(program, self.timeout if timeout is None else timeout)
+        for line in reversed(text.splitlines()):
+            if line.startswith(marker):
+                try:
+                    return json.loads(line[len(marker):])
+                except json.JSONDecodeError as error:
+                    raise OracleError(f"the kernel's answer is garbled ({error})") from None
+        raise OracleError("the kernel gave no answer (did the notebook replace print or "
+                          "sys.stdout, or stop the kernel?)")
+
+    def query(self, code: str, timeout: float | None = None,
+              **inputs: np.ndarray | float) -> dict[str, np.ndarray]:
+        if not self._ready:
+            self._execute(KERNEL_PREAMBLE, self.timeout)
+            self._ready = True
+        payload = json.dumps({k: _encode(np.asarray(v, dtype=float)) for k, v in inputs.items()})
+        body = textwrap.indent(textwrap.dedent(code).strip(), "        ")
+        program = (
+            "def _nfv_query(inp):\n"
+            "    out = {}\n"
+            "    with _nfv_torch.no_grad():\n"
+            f"{body}\n"
+            "    return out\n"
+            "try:\n"
+            f"    _nfv_inputs = _nfv_json.loads({payload!r})\n"
+            "    _nfv_inputs = {k: _nfv_decode(v) for k, v in _nfv_inputs.items()}\n"
+            "    _nfv_result = {'ok': True, 'out': {k: _nfv_encode(v) for k, v in "
+            "_nfv_query(_nfv_inputs).items()}}\n"
+            "except BaseException as _nfv_error:\n"
+            "    _nfv_result = {'ok': False, 'error': type(_nfv_error).__name__ + ': ' + "
+            "str(_nfv_error)[:300]}\n"
+        )
+        answer = self._run(program, timeout)
+        if not isinstance(answer, dict) or not answer.get("ok"):
+            error = answer.get("error", "?") if isinstance(answer, dict) else "?"
+            raise OracleError(f"your code raised {error}")
+        out = answer.get("out")
+        if not isinstance(out, dict):
+            raise OracleError("the kernel's answer is not a dict of arrays")
+        return {str(k): _decode(v) for k, v in out.items()}
+
+
+Check = Callable[[Oracle, np.random.Generator], str]
+
+
+@dataclass
+class Verifier:
+    """A lesson's independent checks: ``checks[grade_id](oracle, rng)`` returns a short
+    summary of what it verified, or raises AssertionError / OracleError saying what is
+    wrong. ``forbidden`` are names no student cell may use (the reference answers)."""
+
+    lesson: str
+    checks: dict[str, Check]
+    forbidden: tuple[str, ...] = ()
+    depends: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def scan(self, sources: Iterable[str]) -> str | None:
+        """The first forbidden name found in the student's cells, if any."""
+        for source in sources:
+            for name in self.forbidden:
+                if re.search(rf"\b{re.escape(name)}\b", source):
+                    return name
+        return None
+
+    def run(self, oracle: Oracle | None, student_sources: Iterable[str],
+            rng: np.random.Generator) -> list[Verdict]:
+        used = self.scan(student_sources)
+        verdicts = []
+        for grade_id, check in self.checks.items():
+            if used is not None:
+                verdicts.append(Verdict(grade_id, False, f"the notebook uses `{used}`, a reference "
+                                        "answer of the package; answers must be your own code"))
+                continue
+            if oracle is None:
+                verdicts.append(Verdict(grade_id, False, "the kernel could not be started to check "
+                                        "this exercise"))
+                continue
+            try:
+                summary = check(oracle, rng)
+            except OracleError as error:
+                verdicts.append(Verdict(grade_id, False, str(error)))
+            except AssertionError as error:
+                verdicts.append(Verdict(grade_id, False, str(error) or "a property failed"))
+            except Exception as error:  # noqa: BLE001  (a malformed answer: still a verdict)
+                verdicts.append(Verdict(grade_id, False, f"{type(error).__name__}: {error}"))
+            else:
+                verdicts.append(Verdict(grade_id, True, summary))
+        return verdicts
+
+
+def verifier_for(lesson: str) -> Verifier | None:
+    """The lesson's verifier (module ``lessonNN``), or None when it has none yet."""
+    number = lesson[:2]
+    if not number.isdigit():
+        return None
+    try:
+        module = importlib.import_module(f"nfcourse.grade.verify.lesson{number}")
+    except ModuleNotFoundError:
+        return None
+    return getattr(module, "VERIFIER", None)
+
+
+class LocalOracle(Oracle):
+    """An :class:`Oracle` over a namespace in this process (``exec``): for testing a lesson's
+    checks against answers without a notebook or a kernel. Never use it on submissions."""
+
+    def __init__(self, namespace: dict, timeout: float = 60.0):
+        import contextlib
+        import io
+
+        def execute(code: str, timeout: float) -> str:
+            buffer = io.StringIO()
+            with contextlib.redirect_stdout(buffer):
+                exec(compile(code, "<nfv-query>", "exec"), namespace)  # noqa: S102
+            return buffer.getvalue()
+
+        super().__init__(execute, timeout)
