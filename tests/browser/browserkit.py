@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -80,6 +81,19 @@ def missing_requirement() -> str | None:
     except ImportError:
         return "JupyterLab is not installed (pip install -e '.[course]')"
     return None
+
+
+def require_browser() -> None:
+    """Skip the calling test when :func:`missing_requirement` finds a reason; under ``CI=true``
+    fail instead, so that CI never passes by skipping the browser tests."""
+    reason = missing_requirement()
+    if reason is None:
+        return
+    import pytest
+
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"browser tests cannot run in CI: {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 def artifacts_dir(*parts: str) -> Path:
@@ -304,10 +318,25 @@ class LabServer:
         sep = "&" if "?" in path else "?"
         return f"{self.base}/{path.lstrip('/')}{sep}token={self.token}"
 
-    def shutdown_kernels(self) -> None:
-        """Stop every kernel (between tests: one notebook's training never slows the next)."""
-        for session in self.api("GET", "/api/sessions") or []:
-            self.api("DELETE", f"/api/sessions/{session['id']}")
+    def shutdown_kernels(self, wait: bool = True) -> None:
+        """Stop every kernel (between tests: one notebook's training never slows the next).
+
+        A kernel takes seconds to exit; with ``wait=False`` the requests go out from a thread
+        while the next test loads its page.
+        """
+        ids = [session["id"] for session in self.api("GET", "/api/sessions") or []]
+
+        def delete() -> None:
+            for sid in ids:
+                try:
+                    self.api("DELETE", f"/api/sessions/{sid}", timeout=60.0)
+                except OSError:  # already gone, or the server is stopping
+                    pass
+
+        if wait:
+            delete()
+        else:
+            threading.Thread(target=delete, daemon=True).start()
 
 
 # ------------------------------------------------------------------------------ the browser
@@ -339,11 +368,16 @@ def new_page(browser: Any, blocked: list[str]) -> Any:
     return page
 
 
-def open_notebook(page: Any, server: LabServer, relpath: str, timeout: float = 90.0) -> None:
-    """Open ``relpath`` in a fresh JupyterLab workspace and wait for an idle kernel."""
+def open_notebook(
+    page: Any, server: LabServer, relpath: str, timeout: float = 90.0, kernel: bool = True
+) -> None:
+    """Open ``relpath`` in a fresh JupyterLab workspace; with ``kernel``, wait until its kernel
+    is idle (to look at a notebook without running it, ``kernel=False`` saves that wait)."""
     workspace = f"t{uuid.uuid4().hex[:8]}"
     page.goto(server.url(f"lab/workspaces/{workspace}/tree/{relpath}?reset"))
     page.wait_for_selector(".jp-NotebookPanel .jp-Notebook .jp-Cell", timeout=timeout * 1000)
+    if not kernel:
+        return
     page.wait_for_function(
         """() => {
             const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
@@ -519,16 +553,35 @@ def check_gifs(page: Any, expected: int, timeout: float = 15.0) -> list[dict]:
     return found
 
 
+def _settle(page: Any, predicate_js: str, arg: Any, timeout: float = 20.0) -> None:
+    """Wait until ``predicate_js(arg)`` holds in the page, or give up quietly: the assertion
+    that follows then says what is missing."""
+    try:
+        page.wait_for_function(predicate_js, arg=arg, timeout=timeout * 1000)
+    except Exception as exc:  # Playwright's TimeoutError; the assertion below reports
+        if "Timeout" not in type(exc).__name__:
+            raise
+
+
 def check_stubs(page: Any, facts: NotebookFacts) -> None:
     """A released lesson shows every exercise heading, every answer cell as a stub, and the
     locked test cells read-only."""
-    headings = page.locator(
-        ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-MarkdownCell .jp-RenderedMarkdown"
-    ).filter(has_text=re.compile(r"Exercise.*\(\d+ points?\)"))
+    assert facts.stubs, "the lesson has no answer cell"
+    markdown = ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-MarkdownCell .jp-RenderedMarkdown"
+    # Markdown and editors fill in just after the cells appear: wait for what the file has.
+    _settle(
+        page,
+        """([md, cells, nh, ns]) =>
+            [...document.querySelectorAll(md)]
+              .filter(e => /Exercise.*\\(\\d+ points?\\)/.test(e.textContent)).length >= nh
+            && [...document.querySelectorAll(cells + ' .cm-content')]
+              .filter(e => e.textContent.includes('YOUR CODE HERE')).length >= ns""",
+        [markdown, CELLS, facts.exercise_headings, len(facts.stubs)],
+    )
+    headings = page.locator(markdown).filter(has_text=re.compile(r"Exercise.*\(\d+ points?\)"))
     assert headings.count() >= facts.exercise_headings > 0, (
         f"{headings.count()} exercise headings rendered, the file has {facts.exercise_headings}"
     )
-    assert facts.stubs, "the lesson has no answer cell"
     for k in facts.stubs:
         content = code_cell(page, k).locator(".cm-content")
         text = content.inner_text()

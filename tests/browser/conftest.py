@@ -7,7 +7,6 @@ they fail: CI must never pass by skipping them.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,19 +37,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     setattr(item, f"rep_{report.when}", report)
 
 
-def _require_browser() -> None:
-    reason = bk.missing_requirement()
-    if reason is None:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"browser tests cannot run in CI: {reason}", pytrace=False)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="session")
 def lab_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[bk.LabServer]:
     """One ``jupyter lab`` per xdist worker, over a temporary copy of solutions/ and lessons/."""
-    _require_browser()
+    bk.require_browser()
     tmp = tmp_path_factory.mktemp("lab")
     server = bk.LabServer(bk.course_copy(tmp / "course"), tmp / "server").start()
     yield server
@@ -61,7 +51,7 @@ def lab_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[bk.LabServe
 def browser() -> Iterator[Any]:
     """Debian's Chromium, headless (one per test module: Playwright's sync API keeps its own
     event loop, and a short-lived one never meets another test's asyncio loop)."""
-    _require_browser()
+    bk.require_browser()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -96,7 +86,8 @@ def tab(request: pytest.FixtureRequest, browser: Any) -> Iterator[Tab]:
     t = Tab(page=page, shots=shots, blocked=blocked)
     yield t
     rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
+    failed = rep is not None and rep.failed
+    if failed:
         try:
             t.shot("FAILED")
         except Exception:  # the page may be gone; the failure itself is what matters
@@ -105,7 +96,9 @@ def tab(request: pytest.FixtureRequest, browser: Any) -> Iterator[Tab]:
     for server_fixture in ("lab_server", "lab_without_widgets"):
         if server_fixture in request.fixturenames:
             server = request.getfixturevalue(server_fixture)
+            if failed:  # the server's side of the story (kernel deaths, 500s)
+                (shots / f"{server_fixture}.log").write_text(server.log_tail(50_000))
             try:
-                server.shutdown_kernels()  # the next notebook gets both cores
+                server.shutdown_kernels(wait=False)  # the next notebook gets both cores
             except OSError:
                 pass

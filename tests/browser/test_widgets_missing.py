@@ -25,9 +25,7 @@ PROBE_PATH = "probe/explorer.ipynb"
 
 @pytest.fixture(scope="module")
 def lab_without_widgets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[bk.LabServer]:
-    from conftest import _require_browser
-
-    _require_browser()
+    bk.require_browser()
     tmp = tmp_path_factory.mktemp("lab-nowidgets")
     bk.write_notebook(tmp / "root" / PROBE_PATH, PROBE)
     server = bk.LabServer(tmp / "root", tmp / "server", disabled=(bk.WIDGET_MANAGER,)).start()
