@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loader-workers", type=int, default=0,
                         help="DataLoader workers of the conventional recipe")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    parser.add_argument("--repeats", type=int,
+                        help="timed calls of sample / importance bpd (median; 20 on CUDA, else 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ours = nfcourse_recipe(train, test, args, model_kwargs, device)
     theirs = conventional(train, test, args, model_kwargs, device)
-    repeats = 3 if args.smoke else 20
+    repeats = args.repeats or (20 if device.type == "cuda" else 3)
     for result in (ours, theirs):
         result["sample_s"], result["importance_s"] = inference_times(
             result["model"], test, device, repeats
