@@ -71,6 +71,14 @@ class CellScore:
     max_score: float
 
 
+def _with_driver(url: str) -> str:
+    """``postgresql://`` with the driver nfcourse installs (psycopg 3) spelled out: what a
+    bare ``postgresql://`` means depends on the SQLAlchemy version."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
 class Course:
     """A course folder and its nbgrader configuration.
 
@@ -86,7 +94,7 @@ class Course:
         if db_url:
             # e.g. postgresql://grader@db.example.org/nfcourse: one gradebook for many
             # workers or machines (nbgrader's default is grading/gradebook.db, SQLite).
-            self.config.CourseDirectory.db_url = db_url
+            self.config.CourseDirectory.db_url = _with_driver(db_url)
 
     # -- paths --------------------------------------------------------------------------
     def _dir(self, step: str) -> Path:

@@ -87,6 +87,9 @@ class GradingExecute(Execute):
         from nbclient import NotebookClient
 
         NotebookClient.__init__(self, nb, km)
+        # Nothing in a graded kernel is worth a graceful goodbye: kill it at once (saves
+        # about 0.4 s a submission; the sandbox takes the rest down with it).
+        self.shutdown_kernel = "immediate"
         self.reset_execution_trackers()
         self._check_assign_resources(resources)
         self._output_bytes, self._truncated = 0, set()

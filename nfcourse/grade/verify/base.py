@@ -16,6 +16,7 @@ import json
 import re
 import secrets
 import textwrap
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -36,9 +37,11 @@ class Verdict:
     grade_id: str
     passed: bool
     message: str
+    seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"grade_id": self.grade_id, "passed": self.passed, "message": self.message}
+        return {"grade_id": self.grade_id, "passed": self.passed, "message": self.message,
+                "seconds": round(self.seconds, 3)}
 
 
 #: Sent once before the queries: helpers the queries use. Names start with ``_nfv`` so they
@@ -215,16 +218,16 @@ class Verifier:
                 verdicts.append(Verdict(grade_id, False, "the kernel could not be started to check "
                                         "this exercise"))
                 continue
+            started = time.monotonic()
             try:
-                summary = check(oracle, rng)
+                passed, message = True, check(oracle, rng)
             except OracleError as error:
-                verdicts.append(Verdict(grade_id, False, str(error)))
+                passed, message = False, str(error)
             except AssertionError as error:
-                verdicts.append(Verdict(grade_id, False, str(error) or "a property failed"))
+                passed, message = False, str(error) or "a property failed"
             except Exception as error:  # noqa: BLE001  (a malformed answer: still a verdict)
-                verdicts.append(Verdict(grade_id, False, f"{type(error).__name__}: {error}"))
-            else:
-                verdicts.append(Verdict(grade_id, True, summary))
+                passed, message = False, f"{type(error).__name__}: {error}"
+            verdicts.append(Verdict(grade_id, passed, message, time.monotonic() - started))
         return verdicts
 
 
