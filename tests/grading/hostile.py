@@ -149,7 +149,8 @@ def hostile_submissions(course: Course, *, port: int) -> dict[str, Hostile]:
         "    try:\n"
         f"        socket.create_connection((host, {port}), timeout=2)\n"
         "        print('CONNECTED', host)\n"
-        "    except OSError as error:\n        print('no connection to', host, type(error).__name__)\n"
+        "    except OSError as error:\n"
+        "        print('no connection to', host, type(error).__name__)\n"
     )), frozenset(), "connects to a server on the grader's loopback"))
 
     out.append(Hostile("patch_numpy", edit_answer(good, "warmup_answer", lambda s: (

@@ -17,7 +17,6 @@ from pathlib import Path
 import nbformat
 import pytest
 from harness import REPO, released_notebook, submit
-from pg_fixture import postgres_db, postgres_url  # noqa: F401  (fixtures)
 
 from nfcourse.grade import Course, commands
 from nfcourse.grade.cli import main as grade_main
@@ -64,7 +63,7 @@ def toy_source() -> nbformat.NotebookNode:
                                  "language": "python"}
     nb.cells.append(nbformat.v4.new_markdown_cell("# A toy lesson for grading at scale"))
     nb.cells.append(_cell("import math"))
-    for name, test in zip(ANSWERS, TESTS):
+    for name, test in zip(ANSWERS, TESTS, strict=True):
         body = ANSWERS[name].split("\n", 1)
         source = f"{body[0]}\n    ### BEGIN SOLUTION\n{body[1]}    ### END SOLUTION\n"
         nb.cells.append(_cell(source, name, solution=True))

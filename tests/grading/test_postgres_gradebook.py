@@ -15,7 +15,6 @@ import tempfile
 import traceback
 from pathlib import Path
 
-import pg_fixture
 import pytest
 from pg_fixture import driver_problem, unavailable
 from postgres_server import (
@@ -29,8 +28,6 @@ from postgres_server import (
 pytestmark = pytest.mark.xdist_group("postgres")
 
 # The fixtures, by name here (until tests/grading/conftest.py imports them for the folder).
-postgres_url = pg_fixture.postgres_url
-postgres_db = pg_fixture.postgres_db
 
 COURSE = "nfcourse"
 CELLS = {"coupling_test": 3.0, "train_test": 2.0}  # grade cell -> max score
