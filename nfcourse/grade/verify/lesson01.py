@@ -16,8 +16,8 @@ Each check draws fresh inputs, asks the kernel for outputs and decides in float6
   ``sample`` returns the inverse flow of N(0, I) noise.
 * ``train_test``: the trained model's held-out NLL, computed here from ``model.flow`` and
   finite differences on fresh points, beats the lesson's bar; the density it defines
-  integrates to about 1 on a grid (a map that folds space cannot fake a high density)
-  and the flow inverts.
+  integrates to about 1 on a grid (a map that folds space cannot fake a high density).
+  Whether the inverse is right is the coupling exercises' business, not this one's.
 """
 
 from __future__ import annotations
@@ -116,6 +116,10 @@ def check_coupling_inverse(oracle: Oracle, rng: np.random.Generator) -> str:
         x = rng.normal(size=(b, 2))
         out = oracle.query(_coupling_query(mask, key), x=x, seed=[_seed(rng)])
         _shape("forward's z", out["z"], (b, 2))
+        free = int(np.argmin(mask))
+        assert np.max(np.abs(out["z"][:, free] - x[:, free])) > 1e-3, (
+            f"mask {mask}: with random network weights the layer is the identity, so its "
+            "inverse is trivially right; the free coordinate must be transformed")
         back = oracle.query(f"""
             x, ld = _nfv_store[{key!r}].inverse(_nfv_torch.as_tensor(inp['z']))
             out['x'], out['ld'] = x, ld
@@ -224,27 +228,22 @@ def check_trained(oracle: Oracle, rng: np.random.Generator) -> str:
         x = _nfv_torch.as_tensor(inp['x'])
         z = m.flow(x)[0]
         out['z'] = z
-        out['back'] = m.flow.inverse(z[:int(inp['b'][0])])[0]
-    """, x=fd_points(points[order], H), b=[b], timeout=180)
+    """, x=fd_points(points[order], H), timeout=180)
     _shape("model.flow(x)", out["z"], (5 * b, 2))
     log_density = np.empty(b)
     log_density[order] = (gaussian_log_prob(out["z"][:b]) + logabsdet_fd(out["z"], b, 2, H))
-    back = np.empty((b, 2))
-    back[order] = out["back"]
     own = log_density[:n_test]
     nll = -float(own.mean())
     assert np.isfinite(nll), "the trained flow gives NaN or Inf on held-out points"
     assert nll < NLL_THRESHOLD, (
         f"held-out NLL {nll:.3f} nats (computed by the grader from model.flow) is not below "
         f"{NLL_THRESHOLD}")
-    worst = float(np.max(np.abs(back - points)))
-    assert worst < 1e-6, f"the trained flow's inverse is off by up to {worst:.3g}"
     mass = float(np.exp(log_density[n_test:]).sum() * step * step)
     assert 0.7 < mass < 1.15, (
         f"the learned density integrates to {mass:.3f} over [-4, 4]^2, not about 1: the flow "
         "is not a valid change of variables")
     return (f"held-out NLL {nll:.3f} < {NLL_THRESHOLD} (the grader's own computation); the "
-            f"density integrates to {mass:.2f} over [-4, 4]^2; the flow inverts")
+            f"density integrates to {mass:.2f} over [-4, 4]^2")
 
 
 VERIFIER = Verifier(
