@@ -45,6 +45,7 @@ CHROMIUM_ARGS = [
     "--disable-quic",
     "--disable-sync",
     "--disable-dev-shm-usage",
+    "--no-proxy-server",
 ]
 LESSONS = (
     "01_two_moons_realnvp",
@@ -178,6 +179,9 @@ def write_notebook(path: Path, sources: list[str]) -> Path:
 
 # ------------------------------------------------------------------------------ the server
 
+# Straight to 127.0.0.1, whatever http_proxy says.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 
 class LabServer:
     """``jupyter lab`` on 127.0.0.1 with a token, over ``root``, with its own config dirs.
@@ -201,7 +205,7 @@ class LabServer:
     def _env(self) -> dict[str, str]:
         env = {
             k: v for k, v in os.environ.items()
-            if k not in ("MPLBACKEND", "JUPYTER_PATH", "JUPYTER_CONFIG_PATH", "PYTEST_XDIST_WORKER")
+            if k not in ("MPLBACKEND", "JUPYTER_PATH", "JUPYTER_CONFIG_PATH")
             and not k.startswith("PYTEST_")
         }
         w = self.workdir
@@ -258,12 +262,11 @@ class LabServer:
             "--LabApp.extension_manager=readonly",
             "--LabApp.expose_app_in_browser=True",
         ]
-        log = open(self.log_path, "wb")  # noqa: SIM115 - the server keeps writing to it
-        self.proc = subprocess.Popen(
-            cmd, cwd=self.root, env=self._env(), stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+        with open(self.log_path, "wb") as log:  # the server keeps its own copy of the fd
+            self.proc = subprocess.Popen(
+                cmd, cwd=self.root, env=self._env(), stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         info = w / "runtime" / f"jpserver-{self.proc.pid}.json"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -310,7 +313,7 @@ class LabServer:
             self.base + path, method=method, headers={"Authorization": f"token {self.token}"},
             data=b"" if method in ("POST", "PUT") else None,
         )
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # 127.0.0.1 only
+        with _DIRECT.open(req, timeout=timeout) as resp:  # 127.0.0.1 only
             body = resp.read()
         return json.loads(body) if body.strip() else None
 

@@ -1,8 +1,9 @@
 """The slider check fails when the widgets cannot render: JupyterLab with the ipywidgets manager
 (@jupyter-widgets/jupyterlab-manager) switched off through a temporary page_config.json.
 
-The same probe notebook (``viz.explorer`` over three point clouds) passes the check on the
-ordinary server, so the failure comes from the missing extension and nothing else.
+The same probe notebook (``viz.explorer`` over three point clouds, a good and a broken GIF)
+passes the slider check on the ordinary server, so the failure comes from the missing extension
+and nothing else; there the GIF check also tells the broken GIF from the good one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ PROBE = [
     "rng = np.random.default_rng(0)\n"
     "frames = [rng.normal(size=(300, 2)) * s for s in (1.0, 2.0, 3.0)]",
     "viz.explorer(frames, [f'scale {s}' for s in (1, 2, 3)], description='frame')",
+    # a GIF that decodes, then one that does not (a header and nothing else)
+    "import io\nfrom IPython.display import Image, display\nfrom PIL import Image as PILImage\n"
+    "buf = io.BytesIO()\nPILImage.new('RGB', (16, 8), 'red').save(buf, 'GIF')\n"
+    "display(Image(data=buf.getvalue(), format='gif'))\n"
+    "display(Image(data=b'GIF89a' + bytes(32), format='gif'))",
 ]
 PROBE_PATH = "probe/explorer.ipynb"
 
@@ -59,3 +65,9 @@ def test_slider_check_passes_with_widget_manager(lab_server, tab) -> None:
     (result,) = bk.check_sliders(page, 1)
     assert result.readouts == ("0", "1")
     tab.shot("with_widget_manager", result.locator)
+    # The GIF check tells a decoded GIF from a broken one.
+    with pytest.raises(AssertionError, match="GIF 1 did not load") as err:
+        bk.check_gifs(page, 2)
+    assert "'w': 0" in str(err.value)
+    with pytest.raises(AssertionError, match="expected 1 GIF"):
+        bk.check_gifs(page, 1)
