@@ -289,6 +289,9 @@ class Sandbox:
         if self.gpu is not False:
             for dev in sorted(Path("/dev").glob("nvidia*")):
                 args += ["--dev-bind", str(dev), str(dev)]
+        # Everything not bound read-write above (the mount points bubblewrap made on its
+        # own root) becomes read-only.
+        args += ["--remount-ro", "/"]
         env = {k: os.environ[k] for k in ENV_ALLOWED if k in os.environ}
         env.update({
             "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",

@@ -1,0 +1,164 @@
+"""The sandbox on its own: what a process inside sees, reaches and may use.
+
+Each test runs a short Python program through ``Sandbox.wrap`` and reads what it printed.
+Without bubblewrap or writable cgroups these tests skip (CI installs bubblewrap and runs
+as root, so there they run; ``CI=true`` turns the skip into a failure).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from nfcourse.grade import commands
+from nfcourse.grade.sandbox import Limits, Sandbox, SandboxUnavailable, isolation_problems
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _need_isolation():
+    problems = isolation_problems()
+    if problems:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("CI=true but no sandbox: " + "; ".join(problems))
+        pytest.skip("no sandbox here: " + "; ".join(problems))
+
+
+def run(tmp_path: Path, code: str, limits: Limits | None = None, timeout: float = 60, **kw):
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    with Sandbox(workdir=work, limits=limits or Limits(), **kw) as box:
+        return subprocess.run(box.wrap([sys.executable, "-c", textwrap.dedent(code)]),
+                              capture_output=True, text=True, timeout=timeout)
+
+
+def test_sees_only_what_it_needs(tmp_path):
+    result = run(tmp_path, f"""
+        import os
+        print(os.getuid(), os.getcwd())
+        for path in [{str(REPO / 'solutions')!r}, {str(REPO / 'grading')!r},
+                     {str(tmp_path)!r} + '/secret.txt', '/etc/shadow', '/root/.ssh']:
+            print(path, os.path.exists(path))
+        import nfcourse, torch  # the package and the environment are there
+        print('imports ok')
+    """)
+    (tmp_path / "secret.txt").write_text("x")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"65534 {tmp_path / 'work'}"
+    assert all(line.endswith("False") for line in lines[1:6]), lines
+    assert lines[6] == "imports ok"
+
+
+def test_environment_is_cleared(tmp_path, monkeypatch):
+    monkeypatch.setenv("INSTRUCTOR_TOKEN", "hunter2")
+    result = run(tmp_path, "import os; print(sorted(os.environ))", env={"NFCOURSE_FAST": "1"})
+    assert "INSTRUCTOR_TOKEN" not in result.stdout and "NFCOURSE_FAST" in result.stdout
+
+
+def test_no_network(tmp_path):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    try:
+        result = run(tmp_path, f"""
+            import socket
+            try:
+                socket.create_connection(('127.0.0.1', {port}), timeout=2)
+                print('connected')
+            except OSError as error:
+                print('refused', type(error).__name__)
+        """)
+    finally:
+        server.close()
+    assert result.stdout.startswith("refused"), result.stdout + result.stderr
+
+
+def test_writes_stay_in_scratch_and_cannot_escape(tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    result = run(tmp_path, f"""
+        open('mine.txt', 'w').write('ok')
+        for path in [{str(tmp_path / 'escape.txt')!r}, '/usr/escape.txt']:
+            try:
+                open(path, 'w').write('x')
+                print('WROTE', path)
+            except OSError as error:
+                print('no', type(error).__name__)
+    """, scratch=scratch)
+    # (a path under /tmp may be "written" into the sandbox's own /tmp: the real one is not)
+    assert "WROTE /usr" not in result.stdout, result.stdout
+    assert (scratch / "mine.txt").read_text() == "ok"
+    assert not (tmp_path / "work" / "mine.txt").exists()
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_process_cap_stops_a_fork_bomb(tmp_path):
+    result = run(tmp_path, """
+        import os, time
+        children = 0
+        try:
+            for _ in range(500):
+                if os.fork() == 0:
+                    time.sleep(30)
+                    os._exit(0)
+                children += 1
+        except OSError as error:
+            print('stopped after', children, type(error).__name__)
+    """, limits=Limits(processes=40))
+    assert "stopped after" in result.stdout, result.stdout + result.stderr
+    assert int(result.stdout.split()[2]) < 40
+
+
+def test_memory_cap_kills_a_memory_bomb(tmp_path):
+    result = run(tmp_path, "hog = b'x' * (2 * 1024**3)\nprint('survived')",
+                 limits=Limits(memory_mb=256))
+    assert result.returncode != 0 and "survived" not in result.stdout
+
+
+def test_file_size_cap(tmp_path):
+    result = run(tmp_path, """
+        try:
+            with open('big', 'wb') as f:
+                f.write(b'x' * (3 * 1024 * 1024))
+            print('wrote')
+        except OSError as error:
+            print('capped', type(error).__name__)
+    """, limits=Limits(file_mb=1))
+    assert "wrote" not in result.stdout
+
+
+def test_cgroups_are_removed(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    box = Sandbox(workdir=work)
+    subprocess.run(box.wrap(["true"]), check=True)
+    dirs = list(box._cgroups.dirs)
+    assert all(d.exists() for d in dirs)
+    box.close()
+    assert not any(d.exists() for d in dirs)
+
+
+def test_grading_refuses_without_isolation(tmp_path, monkeypatch):
+    monkeypatch.setattr(commands, "sandbox_problems", lambda course: ["no bubblewrap"])
+    course = commands.Course(REPO)
+    with pytest.raises(commands.GradeError, match="--unsandboxed"):
+        commands._check_isolation(course, unsandboxed=False)
+    config = commands._check_isolation(course, unsandboxed=True)
+    assert config.SandboxedKernelManager.enabled is False
+
+
+def test_wrap_says_what_is_missing(monkeypatch, tmp_path):
+    import nfcourse.grade.sandbox as sandbox
+
+    monkeypatch.setattr(sandbox, "_bwrap", lambda: None)
+    with pytest.raises(SandboxUnavailable, match="bubblewrap"):
+        Sandbox(workdir=tmp_path).wrap(["true"])
