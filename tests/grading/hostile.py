@@ -126,9 +126,9 @@ def hostile_submissions(course: Course, *, port: int) -> dict[str, Hostile]:
         "import os\nseen = []\n"
         f"for path in {probes!r}:\n"
         "    try:\n        open(path, 'rb').read(16)\n        seen.append(path)\n"
-        "    except (OSError, IsADirectoryError) as error:\n"
+        "    except OSError as error:\n"
         "        print('cannot read', path, type(error).__name__)\n"
-        "    if os.path.exists(path):\n        seen.append(path)\n"
+        f"print('LISTING', sorted(os.listdir({str(root)!r})))\n"
         "print('SEEN', seen)\n" + strip_solution_markers(s) + "\n"
         "if not seen:\n    jacobian_det = None  # found nothing to copy from\n")),
         {"warmup_test"}, "reads solutions/, the gradebook and the instructor's home"))

@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.notebook, pytest.mark.xdist_group("hostile")]
 
 # Short limits so the hostile cells hit them quickly (the real ones are in the config).
 TEST_LIMITS = """
-c.NfcourseGrade.lesson_timeouts = {"01_two_moons_realnvp": 40}
+c.NfcourseGrade.lesson_timeouts = {"01_two_moons_realnvp": 25}
 c.SandboxedKernelManager.memory_mb = 1536
 c.GradingExecute.notebook_timeout = 600
 """
@@ -133,7 +133,7 @@ def _outputs_text(nb) -> str:
     parts = []
     for cell in nb.cells:
         for out in cell.get("outputs", []):
-            parts.append(out.get("text", "") + out.get("evalue", "")
+            parts.append(out.get("text", "") + out.get("ename", "") + out.get("evalue", "")
                          + json.dumps(out.get("data", {}).get("text/plain", "")))
     return "\n".join(parts)
 
@@ -155,6 +155,8 @@ def test_nothing_outside_the_submissions_changed(graded):
 def test_instructor_files_are_invisible(graded):
     text = _outputs_text(_graded_notebook(graded["course"], "read_instructor_files"))
     assert "SEEN []" in text, text[-2000:]
+    # the course root shows only the empty path down to the submission's own folder
+    assert "LISTING ['grading']" in text, text[-2000:]
 
 
 def test_no_connection_reached_the_grader(graded):
