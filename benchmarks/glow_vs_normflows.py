@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -56,6 +57,8 @@ def import_normflows():
         import normflows
     except ImportError:
         return None
+    # normflows' LU layer calls the deprecated torch.lu; say so once here, not every step
+    warnings.filterwarnings("ignore", message=r"(?s).*torch\.lu is deprecated")
     return normflows
 
 

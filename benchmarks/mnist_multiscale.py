@@ -54,6 +54,11 @@ SMOKE_MODEL: dict[str, Any] = {
     "hidden": (8, 8, 8), "num_couplings": (1, 1, 1), "num_layers": 1,
     "vardeq_hidden": 4, "vardeq_layers": 1, "vardeq_couplings": 1,
 }
+SMALL_MODEL: dict[str, Any] = {
+    "hidden": (16, 16, 24), "num_couplings": (2, 2, 2), "num_layers": 1,
+    "vardeq_hidden": 8, "vardeq_layers": 1, "vardeq_couplings": 2,
+}
+MODELS = {"full": FULL_MODEL, "small": SMALL_MODEL, "tiny": SMOKE_MODEL}
 COLUMNS = ["recipe", "batch", "steps", "train images/s", "test bpd at budget",
            "time to target bpd (s)", "sample 64 (ms)", "importance bpd k=8, 64 images (ms)"]
 
@@ -164,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, help="nfcourse's warm-up steps (200)")
     parser.add_argument("--n-train", type=int, help="training images (all 19,690)")
     parser.add_argument("--n-test", type=int, help="test images scored (all 10,000)")
+    parser.add_argument("--size", choices=list(MODELS),
+                        help="model size: full (lesson 04, default), small (for CPUs), tiny "
+                        "(--smoke's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-compile", action="store_true", help="nfcourse without compile")
     parser.add_argument("--compile-mode", default="default",
@@ -194,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.smoke and device.type != "cuda":
         print("warning: this benchmark is meant for a CUDA GPU; on the CPU it takes hours at "
               "full size (use --smoke, or smaller --budget / --n-train)", file=sys.stderr)
-    model_kwargs = SMOKE_MODEL if args.smoke else FULL_MODEL
+    model_kwargs = MODELS[args.size or ("tiny" if args.smoke else "full")]
     train, test = load_mnist(args.n_train, args.n_test)
     warm_up_imports()
 
@@ -215,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = header("MNIST multi-scale flow (lesson 04, variational dequantization): "
                    "nfcourse.train.fit vs the conventional recipe")
     lines += [
-        f"data: {len(train)} training images, {len(test)} test images; model "
-        f"{params:,} parameters; budget {args.budget:g} s of training per recipe, test bpd "
+        f"data: {len(train)} training images, {len(test)} test images; "
+        f"{args.size or ('tiny' if args.smoke else 'full')} model, {params:,} parameters; "
+        f"budget {args.budget:g} s of training per recipe, test bpd "
         f"every {args.eval_every:g} s (clock stopped); target bpd {target:.4f}"
         + (" (the conventional final)" if args.target_bpd is None else ""),
         f"nfcourse: batch {ours['batch']}, AdamW lr {ours['lr']:.2e} (sqrt-scaled from 1e-3 "

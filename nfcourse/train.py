@@ -847,7 +847,7 @@ def fit(
             from torch.nn.parallel import DistributedDataParallel
 
             # Flows keep no running statistics: no buffer broadcast before every forward
-            # (the one at construction stays). The option's name changed in torch 2.13.
+            # (the one at construction stays). Newer torch calls the option forward_sync_buffers.
             no_sync = (
                 {"forward_sync_buffers": False}
                 if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
