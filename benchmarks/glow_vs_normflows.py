@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny CPU configuration that runs in seconds (checks the script)")
     parser.add_argument("--budget", type=float, help="training seconds per model (600)")
-    parser.add_argument("--eval-every", type=float, help="seconds between test scores (30)")
+    parser.add_argument("--eval-every", type=float, help="seconds between test scores (20)")
     parser.add_argument("--k", type=int, help="Glow steps per scale (8)")
     parser.add_argument("--hidden", type=int, help="nfcourse coupling width (64)")
     parser.add_argument("--num-layers", type=int, help="nfcourse coupling depth (2)")
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         {"budget": 2.0, "eval_every": 0.5, "k": 1, "hidden": 8, "num_layers": 1, "batch": 64,
          "warmup": 2, "n_train": 256, "n_test": 128, "threads": 1}
         if args.smoke
-        else {"budget": 600.0, "eval_every": 30.0, "k": 8, "hidden": 64, "num_layers": 2,
+        else {"budget": 600.0, "eval_every": 20.0, "k": 8, "hidden": 64, "num_layers": 2,
               "batch": 256, "warmup": 100, "n_train": None, "n_test": None, "threads": None}
     )
     for key, value in defaults.items():

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny CPU configuration that runs in seconds (checks the script)")
     parser.add_argument("--budget", type=float, help="training seconds per recipe (600)")
-    parser.add_argument("--eval-every", type=float, help="seconds between test scores (30)")
+    parser.add_argument("--eval-every", type=float, help="seconds between test scores (20)")
     parser.add_argument("--target-bpd", type=float,
                         help="fixed test bpd to time (default: the conventional final bpd)")
     parser.add_argument("--batch", type=int, help="nfcourse's batch size (512)")
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         {"budget": 2.0, "eval_every": 0.5, "batch": 64, "warmup": 2, "n_train": 256,
          "n_test": 128, "threads": 1}
         if args.smoke
-        else {"budget": 600.0, "eval_every": 30.0, "batch": 512, "warmup": 200,
+        else {"budget": 600.0, "eval_every": 20.0, "batch": 512, "warmup": 200,
               "n_train": None, "n_test": None, "threads": None}
     )
     for key, value in defaults.items():
