@@ -81,7 +81,7 @@ def tab(request: pytest.FixtureRequest, browser: Any) -> Iterator[Tab]:
     page = bk.new_page(browser, blocked)
     name = request.node.name.replace("[", "-").replace("]", "").replace("/", "_")
     shots = bk.artifacts_dir(name)
-    for old in shots.glob("*.png"):  # screenshots of an earlier run would mislead
+    for old in [*shots.glob("*.png"), *shots.glob("*.log")]:  # an earlier run's would mislead
         old.unlink()
     t = Tab(page=page, shots=shots, blocked=blocked)
     yield t
