@@ -27,7 +27,9 @@ $(STAMP): pyproject.toml
 lab: $(STAMP)
 	# grading/ on the config path lets the nbgrader extensions (formgrader, Validate) find the
 	# course's nbgrader_config.py; --allow-root only where JupyterLab runs as root (containers).
-	JUPYTER_CONFIG_PATH=$(CURDIR)/grading $(VENV)/bin/jupyter lab --notebook-dir=lessons \
+	# The venv's bin on PATH: the formgrader runs `alembic` from there to open the gradebook.
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" JUPYTER_CONFIG_PATH=$(CURDIR)/grading \
+		$(VENV)/bin/jupyter lab --notebook-dir=lessons \
 		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 test: $(STAMP)
