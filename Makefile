@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	# satisfied and pip never fetches a CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[course,dev]"
+	# normflows (the comparison in benchmarks/glow_vs_normflows.py) without its dependencies:
+	# they are torch and numpy, and pip must not replace the CPU torch.
+	$(PY) -m pip install -q --no-deps "normflows>=1.7,<2"
 	$(VENV)/bin/jupyter server extension enable --sys-prefix nbgrader.server_extensions.formgrader >/dev/null 2>&1 || true
 	touch $(STAMP)
 

@@ -388,8 +388,9 @@ def autograde(
         raise GradeError(f"--workers must be at least 1, not {workers}")
     if workers > 1 and course.db_url.startswith("sqlite"):
         raise GradeError(
-            f"--workers {workers} needs a gradebook that takes concurrent writers: pass "
-            "--db postgresql://USER@HOST/DB (SQLite, nbgrader's default, is for one worker)")
+            f"--workers {workers} needs a gradebook that takes concurrent writers, PostgreSQL: "
+            "pass --db postgresql://USER@HOST/DB (SQLite, nbgrader's default, is for one "
+            "worker)")
     config = _check_isolation(course, unsandboxed)
     if not students:
         return []
