@@ -69,7 +69,9 @@ class Listener:
         self.sock.close()
 
 
-@pytest.fixture(scope="module")
+# Session scope: pytest may interleave this module's parametrized tests with other modules'
+# on the same xdist worker, which would tear a module-scoped class down and grade it again.
+@pytest.fixture(scope="session")
 def graded(tmp_path_factory):
     if isolation_problems():
         pytest.fail("this machine cannot sandbox submissions: " + "; ".join(isolation_problems())
