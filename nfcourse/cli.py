@@ -135,6 +135,13 @@ def doctor(out=None) -> int:
         )
     line("fast mode", "on (NFCOURSE_FAST)" if fast_mode() else "off")
 
+    from nfcourse.grade.sandbox import isolation_problems
+
+    isolation = isolation_problems()
+    line("grading sandbox", "ready (bubblewrap + cgroups)" if not isolation else "NOT available")
+    for problem in isolation:  # instructors only: students never need it
+        problems.append(f"grading cannot sandbox submissions here: {problem}")
+
     if problems:
         print("\nproblems:", file=out)
         for p in problems:

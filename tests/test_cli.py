@@ -77,8 +77,18 @@ def test_doctor_reports_versions_device_data_and_widgets(capsys):
         "device",
         "MNIST train",
         "widget extension",
+        "grading sandbox",
     ):
         assert word in out
+
+
+def test_doctor_names_what_the_grading_sandbox_lacks(capsys, monkeypatch):
+    import nfcourse.grade.sandbox as sandbox
+
+    monkeypatch.setattr(sandbox, "isolation_problems", lambda: ["bubblewrap is missing"])
+    assert cli.main(["doctor"]) == 0  # a warning: students do not need it
+    out = capsys.readouterr().out
+    assert "NOT available" in out and "cannot sandbox submissions here: bubblewrap" in out
 
 
 def test_doctor_fails_when_a_required_package_is_missing(capsys, monkeypatch):
