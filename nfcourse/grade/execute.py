@@ -32,6 +32,7 @@ from jupyter_core.utils import ensure_async, run_sync
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from nbformat import NotebookNode
 from nbgrader.preprocessors import Execute
+from nbgrader.utils import is_grade
 from traitlets import Bool, Float, Integer
 
 from nfcourse.grade.kernel import SandboxedKernelManager
@@ -46,10 +47,6 @@ MAX_RESTARTS = 6
 def _error(ename: str, message: str) -> NotebookNode:
     return NotebookNode(output_type="error", ename=ename, evalue=message,
                         traceback=[f"\x1b[0;31m{ename}\x1b[0m: {message}"])
-
-
-def _is_grade_cell(cell) -> bool:
-    return bool(cell.get("metadata", {}).get("nbgrader", {}).get("grade"))
 
 
 class GradingExecute(Execute):
@@ -126,7 +123,7 @@ class GradingExecute(Execute):
                         break
                     if cell.cell_type == "code":
                         self._kill_strays()
-                        if not _is_grade_cell(cell):
+                        if not is_grade(cell):
                             survived.append(index)
                     index += 1
                 if not died:
@@ -203,7 +200,7 @@ class GradingExecute(Execute):
             return None
         seed = secrets.randbits(63)
         sources = [c.source for c in self.nb.cells
-                   if c.cell_type == "code" and not _is_grade_cell(c)]
+                   if c.cell_type == "code" and not is_grade(c)]
         alive = kernel and self.kc is not None
         oracle = Oracle(self._query, timeout=self.verify_timeout) if alive else None
         started = time.monotonic()
@@ -228,7 +225,7 @@ class GradingExecute(Execute):
         by_id = {v.grade_id: v for v in verdicts}
         for cell in self.nb.cells:
             grade_id = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
-            verdict = by_id.get(grade_id) if _is_grade_cell(cell) else None
+            verdict = by_id.get(grade_id) if is_grade(cell) else None
             if verdict is None:
                 continue
             if verdict.passed:

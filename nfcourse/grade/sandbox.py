@@ -194,30 +194,40 @@ class _CGroups:
         return ["/bin/sh", "-c", f'{moves} && exec "$@"', "nfcourse-sandbox"]
 
     def pids(self) -> list[int]:
-        try:
-            return [int(p) for p in (self.dirs[0] / "cgroup.procs").read_text().split()]
-        except (OSError, IndexError):
-            return []
+        return _procs(self.dirs[0]) if self.dirs else []
 
     def kill_and_remove(self) -> None:
         for d in self.dirs:
-            for _ in range(50):
-                try:
-                    pids = [int(p) for p in (d / "cgroup.procs").read_text().split()]
-                except OSError:
-                    break
+            for _ in range(50):  # a dying process can fork once more: repeat until empty
+                pids = _procs(d)
                 if not pids:
                     break
-                for pid in pids:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                _kill(pids)
                 time.sleep(0.05)
             try:
                 d.rmdir()
             except OSError:
                 pass
+
+
+def _procs(cgroup: Path) -> list[int]:
+    """The processes in a cgroup (none when it is gone)."""
+    try:
+        return [int(p) for p in (cgroup / "cgroup.procs").read_text().split()]
+    except OSError:
+        return []
+
+
+def _kill(pids: Sequence[int]) -> int:
+    """SIGKILL each of ``pids``; returns how many were still there."""
+    killed = 0
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except ProcessLookupError:
+            pass
+    return killed
 
 
 # ----------------------------------------------------------------------------- the sandbox
@@ -314,15 +324,7 @@ class Sandbox:
         nothing a cell started (a fork bomb's children) outlives it. Returns how many."""
         if self._cgroups is None:
             return 0
-        killed = 0
-        for pid in self._cgroups.pids():
-            if pid not in keep:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    killed += 1
-                except ProcessLookupError:
-                    pass
-        return killed
+        return _kill([pid for pid in self._cgroups.pids() if pid not in keep])
 
     def close(self) -> None:
         """Kill whatever is left in the sandbox and remove its cgroups."""

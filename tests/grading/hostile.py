@@ -13,7 +13,7 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import Bug, strip_solution_markers, student_notebook
+from harness import Bug, _meta, strip_solution_markers, student_notebook
 
 from nfcourse.grade import Course
 
@@ -30,10 +30,6 @@ class Hostile:
     notebook: object
     loses: frozenset[str] = field(default_factory=frozenset)
     what: str = ""
-
-
-def _meta(cell) -> dict:
-    return cell.get("metadata", {}).get("nbgrader", {})
 
 
 def _index(nb, grade_id: str) -> int:
