@@ -1,0 +1,267 @@
+"""Lesson 02's independent check on answers run in this process (no notebook, no kernel).
+
+It must pass the solution, fail exactly the exercises each planted bug breaks (the same
+ones the notebook's hidden tests fail, see test_lesson02.py), fail the cheats the hidden
+tests can be fooled into passing, and turn a kernel that answers nonsense into a failed
+verdict rather than a crash. One end-to-end test grades a wrong answer that patches the
+package's checks and the comparisons of NumPy and torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+
+import nbformat
+import numpy as np
+import pytest
+from harness import (
+    REPO,
+    _meta,
+    autograde,
+    make_course,
+    max_points,
+    strip_solution_markers,
+    student_notebook,
+    submit,
+)
+from test_lesson02 import BUGS
+
+from nfcourse.grade import commands
+from nfcourse.grade.execute import VERIFICATION_FILE
+from nfcourse.grade.verify import LocalOracle, Oracle, OracleError, verifier_for
+
+LESSON = "02_dequantization"
+ALL = {"dequantization_test", "dequantization_test_log_det", "bits_per_dim_test",
+       "importance_bpd_test", "vardeq_test", "vardeq_test_train"}
+
+pytestmark = pytest.mark.xdist_group("verify02")
+
+
+def _notebook():
+    return nbformat.read(REPO / "solutions" / LESSON / f"{LESSON}.ipynb", as_version=4)
+
+
+def _cells() -> list[tuple[str | None, str]]:
+    """The setup cell (imports) and the answer cells: all the queries need. Pictures, the
+    MNIST training and the self-checks are left out."""
+    out = []
+    for cell in _notebook().cells:
+        meta = cell.metadata.get("nbgrader", {})
+        if cell.cell_type != "code" or meta.get("grade"):
+            continue
+        if meta.get("solution") or cell.source.lstrip().startswith("import"):
+            out.append((meta.get("grade_id"), strip_solution_markers(cell.source)))
+    return out
+
+
+CELLS = _cells()
+
+
+def _run(ns: dict, cells: list[tuple[str | None, str]]) -> dict:
+    for grade_id, source in cells:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            try:  # like a kernel: a cell that fails leaves what it defined so far
+                exec(compile(source, f"<{grade_id or 'cell'}>", "exec"), ns)  # noqa: S102
+            except Exception:  # noqa: BLE001
+                pass
+    return ns
+
+
+def edited(base: dict, cell: str, old: str, new: str, count: int = 1) -> dict:
+    """A copy of ``base`` with answer ``cell`` edited and it and the cells after it re-run."""
+    ids = [grade_id for grade_id, _ in CELLS]
+    start = ids.index(cell)
+    cells = list(CELLS[start:])
+    source = cells[0][1]
+    assert source.count(old) == count, f"{old!r} is not in {cell}"
+    cells[0] = (cell, source.replace(old, new))
+    return _run(dict(base), cells)
+
+
+def replaced(base: dict, cell: str, source: str) -> dict:
+    """A copy of ``base`` with answer ``cell`` replaced and the cells after it re-run."""
+    ids = [grade_id for grade_id, _ in CELLS]
+    start = ids.index(cell)
+    return _run(dict(base), [(cell, source), *CELLS[start + 1:]])
+
+
+def failures(ns: dict, sources: list[str] | None = None, seed: int = 7) -> dict[str, str]:
+    verifier = verifier_for(LESSON)
+    verdicts = verifier.run(LocalOracle(ns), sources or [], np.random.default_rng(seed))
+    return {v.grade_id: v.message for v in verdicts if not v.passed}
+
+
+@pytest.fixture(scope="module")
+def solution_ns():
+    return _run({}, CELLS)
+
+
+def test_the_checks_cover_every_graded_cell():
+    graded = {c.metadata["nbgrader"]["grade_id"] for c in _notebook().cells
+              if c.metadata.get("nbgrader", {}).get("grade")}
+    assert graded == ALL == set(verifier_for(LESSON).checks)
+
+
+@pytest.mark.parametrize("seed", [7, 8])
+def test_solution_passes_every_check(solution_ns, seed):
+    assert failures(solution_ns, seed=seed) == {}
+
+
+def test_the_lessons_own_cells_use_no_forbidden_name():
+    sources = [c.source for c in _notebook().cells
+               if c.cell_type == "code" and not c.metadata.get("nbgrader", {}).get("grade")]
+    assert verifier_for(LESSON).scan(sources) is None
+
+
+@pytest.mark.parametrize("bug", BUGS, ids=[b.name for b in BUGS])
+def test_planted_bug_fails_exactly_its_exercises(solution_ns, bug):
+    ns = edited(solution_ns, bug.cell, bug.old, bug.new, bug.count)
+    assert set(failures(ns)) == set(bug.loses)
+
+
+def test_log_det_off_by_a_constant_is_caught(solution_ns):
+    ns = edited(solution_ns, "dequantization_answer", "return z, log_det.flatten(1).sum(1)",
+                "return z, log_det.flatten(1).sum(1) + 1.0")
+    failed = failures(ns)
+    assert set(failed) == {"dequantization_test_log_det", "vardeq_test", "vardeq_test_train"}
+    assert "log_det" in failed["dequantization_test_log_det"]
+
+
+def test_hard_coded_eight_bits_is_caught(solution_ns):
+    """Passes the visible test (a uniform model gives 8) and nothing else."""
+    ns = replaced(solution_ns, "bits_per_dim_answer",
+                  "def bits_per_dim(log_prob, x):\n    return torch.full_like(log_prob, 8.0)\n")
+    assert set(failures(ns)) == {"bits_per_dim_test"}
+
+
+def test_one_sample_importance_bound_is_caught(solution_ns):
+    """Ignores k and calls log_prob once: the visible test (equal weights) passes."""
+    ns = replaced(solution_ns, "importance_bpd_answer",
+                  "def importance_bpd(log_prob, x, k=8):\n"
+                  "    return -log_prob(x) / (x[0].numel() * math.log(2))\n")
+    failed = failures(ns)
+    assert set(failed) == {"importance_bpd_test"}
+    assert "called" in failed["importance_bpd_test"]
+
+
+def test_variational_layer_with_uniform_noise_is_caught(solution_ns):
+    """Ignores its noise flow: the visible test (shapes, round trip) passes."""
+    ns = replaced(solution_ns, "vardeq_answer",
+                  "class VariationalDequantization(Dequantization):\n"
+                  "    def __init__(self, noise_flow, levels=256, alpha=1e-5):\n"
+                  "        super().__init__(levels, alpha)\n"
+                  "        self.noise_flow = noise_flow\n")
+    failed = failures(ns)
+    assert set(failed) == {"vardeq_test", "vardeq_test_train"}
+    assert "noise flow" in failed["vardeq_test"]
+
+
+def test_reference_in_a_student_cell_fails_everything(solution_ns):
+    for source in ("from nfcourse.flows import Flow, Dequantization\n",
+                   "from nfcourse.flows import (\n    Flow,\n    VariationalDequantization,\n)\n",
+                   "from nfcourse import flows\nclass D(flows.Dequantization):\n    pass\n",
+                   "bpd = model.bits_per_dim(x)\n"):
+        failed = failures(solution_ns, [source])
+        assert set(failed) == ALL, source
+        assert all("answers must be your own code" in m for m in failed.values())
+
+
+def test_a_lying_or_silent_kernel_fails_cleanly():
+    def silent(code, timeout):
+        return ""
+
+    def garbage(code, timeout):
+        marker = re.search(r"@@nfv-[0-9a-f]+@@", code)
+        return (marker.group() + "{not json\n") if marker else "noise\n"
+
+    def wrong_arrays(code, timeout):
+        marker = re.search(r"@@nfv-[0-9a-f]+@@", code)
+        answer = {"ok": True, "out": {"z": {"shape": [2], "data": "AAAA"}}}
+        return (marker.group() + json.dumps(answer) + "\n") if marker else ""
+
+    verifier = verifier_for(LESSON)
+    for execute in (silent, garbage, wrong_arrays):
+        verdicts = verifier.run(Oracle(execute), [], np.random.default_rng(0))
+        assert [v.passed for v in verdicts] == [False] * 6
+        assert all(v.message for v in verdicts)
+    with pytest.raises(OracleError, match="no answer"):
+        Oracle(silent).query("out['x'] = 1")
+
+
+# ------------------------------------------------------------------------------ end to end
+PATCHES = """
+import numpy as np
+import torch
+import nfcourse.checks as _checks_package
+import nfcourse.checks.lesson02 as _checks_module
+np.allclose = lambda *args, **kwargs: True
+torch.allclose = lambda *args, **kwargs: True
+_checks_package.assert_independent = lambda *args, **kwargs: None
+_checks_module.require = lambda report, *names: report
+for _name in dir(_checks_module):
+    if _name.startswith("check_"):
+        setattr(_checks_module, _name, lambda *args, **kwargs: None)
+"""
+
+
+@pytest.fixture(scope="module")
+def patched_submission(tmp_path_factory):
+    """The log-det without -log(levels), graded with the package's checks, np.allclose and
+    torch.allclose patched so that every hidden test passes (``require`` hands the report
+    back, as the real one does)."""
+    bug = next(b for b in BUGS if b.name == "logdet_missing_levels")
+    course = make_course(tmp_path_factory.mktemp("course-verify02"), [LESSON])
+    nb = student_notebook(course, LESSON, bug=bug)
+    at = next(i for i, c in enumerate(nb.cells) if _meta(c).get("grade_id") == bug.cell)
+    nb.cells.insert(at + 1, nbformat.v4.new_code_cell(PATCHES))
+    submit(course, LESSON, "patcher", nb)
+    scores = autograde(course, LESSON, "patcher")
+    folder = course.autograded_dir / "patcher" / LESSON
+    return {"bug": bug, "course": course, "scores": scores, "folder": folder,
+            "points": max_points(course, LESSON)}
+
+
+#: test cells that end in an expression (``checks.require(...)``): nbgrader scores them by
+#: their execute_result before it looks at the error the independent check appends after it
+EXPRESSION_CELLS = {"bits_per_dim_test", "importance_bpd_test", "vardeq_test_train"}
+
+
+@pytest.mark.notebook
+def test_patched_checks_do_not_hide_a_wrong_log_det(patched_submission):
+    """The independent check fails the three exercises the bug breaks and says why, in the
+    graded notebook, its record and the feedback; the hidden tests themselves were fooled."""
+    bug, folder = patched_submission["bug"], patched_submission["folder"]
+    record = json.loads((folder / VERIFICATION_FILE).read_text())
+    verdicts = {v["grade_id"]: v for v in record["verdicts"]}
+    assert {g for g, v in verdicts.items() if not v["passed"]} == set(bug.loses)
+    assert "log(levels)" in verdicts["dequantization_test_log_det"]["message"]
+    assert "log(levels)" in verdicts["vardeq_test"]["message"]
+    assert "not be above" in verdicts["vardeq_test_train"]["message"]
+
+    graded = nbformat.read(folder / f"{LESSON}.ipynb", as_version=4)
+    for cell in graded.cells:
+        if _meta(cell).get("grade_id") in bug.loses:  # only the independent check failed them
+            errors = [o.get("ename") for o in cell.outputs if o.get("output_type") == "error"]
+            assert errors == ["IndependentCheckFailed"], (_meta(cell)["grade_id"], errors)
+    html = commands.feedback(patched_submission["course"], LESSON, "patcher")[0].read_text()
+    assert "IndependentCheckFailed" in html and "log(levels)" in html
+
+    scores, points = patched_submission["scores"], patched_submission["points"]
+    expected = {k: (0.0 if k in bug.loses else v) for k, v in points.items()}
+    for cell in EXPRESSION_CELLS:  # see the next test
+        del scores[cell], expected[cell]
+    assert scores == expected
+
+
+@pytest.mark.notebook
+@pytest.mark.xfail(strict=True, reason=(
+    "GradingExecute._apply appends IndependentCheckFailed after the cell's execute_result "
+    "(the report that a patched checks.require returns); nbgrader's determine_grade scores "
+    "a cell by its first execute_result and never sees the error. Fix: put the error first."))
+def test_a_failed_check_costs_cells_that_end_in_an_expression(patched_submission):
+    bug = patched_submission["bug"]
+    scores, points = patched_submission["scores"], patched_submission["points"]
+    assert scores == {k: (0.0 if k in bug.loses else v) for k, v in points.items()}
