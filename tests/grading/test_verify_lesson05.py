@@ -1,0 +1,301 @@
+"""Lesson 05's independent check on answers run in this process (no notebook, no kernel).
+
+It must pass the solution, fail exactly the exercises each planted bug breaks (the same
+ones the notebook's hidden tests fail, see test_lesson05.py), fail the cheats the hidden
+tests can be fooled into passing, and turn a kernel that answers nonsense into a failed
+verdict rather than a crash. One end-to-end test grades a notebook whose wrong answer comes
+with patched checks and comparisons.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+
+import nbformat
+import numpy as np
+import pytest
+from harness import (
+    REPO,
+    _meta,
+    autograde,
+    make_course,
+    max_points,
+    strip_solution_markers,
+    student_notebook,
+    submit,
+)
+from test_lesson05 import BUGS
+
+from nfcourse.grade import commands
+from nfcourse.grade.execute import VERIFICATION_FILE
+from nfcourse.grade.verify import LocalOracle, Oracle, OracleError, verifier_for
+
+LESSON = "05_glow"
+ALL = {"actnorm_test", "actnorm_test_init", "invconv_test", "invconv_lu_test",
+       "glow_step_test", "glow_test"}
+# self-checks, pictures, the timing table and the training runs: no query needs them
+SKIP = ("# Self-check", "def show", "def time_call", "from nfcourse.data", "results, models",
+        'if "lu" in models')
+
+pytestmark = pytest.mark.xdist_group("verify05")
+
+
+def _cells() -> list[tuple[str | None, str]]:
+    nb = nbformat.read(REPO / "solutions" / LESSON / f"{LESSON}.ipynb", as_version=4)
+    out = []
+    for cell in nb.cells:
+        meta = cell.metadata.get("nbgrader", {})
+        if cell.cell_type != "code" or meta.get("grade"):
+            continue
+        source = strip_solution_markers(cell.source)
+        if source.lstrip().startswith(SKIP):
+            continue
+        out.append((meta.get("grade_id"), source))
+    return out
+
+
+def namespace(edits: dict[str, tuple[str, str]] | None = None,
+              replace: dict[str, str] | None = None) -> dict:
+    """Run the solution's cells (with ``edits[cell] = (old, new)`` or whole ``replace``d
+    answers) in a fresh namespace, as the student's kernel would hold them. Without the
+    training cells this takes well under a second, so every case builds its own."""
+    ns: dict = {}
+    for grade_id, source in _cells():
+        if replace and grade_id in replace:
+            source = replace[grade_id]
+        if edits and grade_id in edits:
+            old, new = edits[grade_id]
+            assert old in source
+            source = source.replace(old, new)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            try:  # like a kernel: a cell that fails leaves what it defined so far
+                exec(compile(source, f"<{grade_id or 'cell'}>", "exec"), ns)  # noqa: S102
+            except Exception:  # noqa: BLE001
+                pass
+    return ns
+
+
+def failures(ns: dict, sources: list[str] | None = None, seed: int = 7) -> dict[str, str]:
+    verifier = verifier_for(LESSON)
+    verdicts = verifier.run(LocalOracle(ns), sources or [], np.random.default_rng(seed))
+    assert {v.grade_id for v in verdicts} == ALL
+    return {v.grade_id: v.message for v in verdicts if not v.passed}
+
+
+def patched(source: str) -> dict:
+    """The solution's namespace after ``source`` (a student's extra cell) ran in it: one
+    namespace, as in a kernel, so that names the answers look up see the change."""
+    ns = namespace()
+    exec(source, ns)  # noqa: S102
+    return ns
+
+
+@pytest.fixture(scope="module")
+def solution_ns():
+    return namespace()
+
+
+@pytest.mark.parametrize("seed", [7, 8, 9])
+def test_solution_passes_every_check(solution_ns, seed):
+    assert failures(solution_ns, seed=seed) == {}
+
+
+@pytest.mark.parametrize("bug", BUGS, ids=[b.name for b in BUGS])
+def test_planted_bug_fails_exactly_its_exercises(bug):
+    ns = namespace(edits={bug.cell: (bug.old, bug.new)})
+    assert set(failures(ns)) == set(bug.loses)
+
+
+IDENTITY_ACTNORM = """
+class ActNorm(Flow):
+    def __init__(self, num_channels):
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
+        self.log_scale = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
+
+    def forward(self, x, context=None):
+        return x, x.new_zeros(x.shape[0])
+
+    def inverse(self, z, context=None):
+        return z, z.new_zeros(z.shape[0])
+"""
+
+
+def test_identity_actnorm_is_caught():
+    failed = failures(namespace(replace={"actnorm_answer": IDENTITY_ACTNORM}))
+    assert set(failed) == {"actnorm_test", "actnorm_test_init", "glow_step_test"}
+    assert "identity" in failed["actnorm_test"] or "did not change" in failed["actnorm_test"]
+
+
+def test_actnorm_that_initialises_on_every_batch_is_caught():
+    ns = patched("class ActNorm(ActNorm):\n"
+                              "    def forward(self, x, context=None):\n"
+                              "        self.initialize(x)\n"
+                              "        return super().forward(x, context)\n")
+    failed = failures(ns)
+    assert set(failed) == {"actnorm_test", "actnorm_test_init", "glow_step_test"}
+    assert "initialised itself again" in failed["actnorm_test_init"]
+
+
+def test_invconv_log_det_off_by_a_constant_is_caught():
+    ns = patched("class InvConv1x1(InvConv1x1):\n"
+                              "    def forward(self, x, context=None):\n"
+                              "        z, log_det = super().forward(x, context)\n"
+                              "        return z, log_det + 1.0\n")
+    failed = failures(ns)
+    assert set(failed) == {"invconv_test"}
+    assert "log_det" in failed["invconv_test"]
+
+
+def test_identity_lu_layer_is_caught():
+    ns = patched("""
+class InvConv1x1LU(Flow):
+    def __init__(self, num_channels):
+        super().__init__()
+        self.log_s = nn.Parameter(torch.zeros(num_channels))
+    @property
+    def weight(self):
+        return torch.eye(self.log_s.shape[0], dtype=self.log_s.dtype)
+    def forward(self, x, context=None):
+        return x, x.new_zeros(x.shape[0])
+    def inverse(self, z, context=None):
+        return z, z.new_zeros(z.shape[0])
+""")
+    failed = failures(ns)
+    assert set(failed) == {"invconv_lu_test"}
+    assert "did not change" in failed["invconv_lu_test"]
+
+
+def test_step_without_the_coupling_log_det_is_caught():
+    """Leaves the coupling's log-scales out of the log-det in both directions, so forward and
+    inverse still agree."""
+    ns = patched("class GlowStep(GlowStep):\n"
+                 "    def _outer(self, x):\n"
+                 "        y, ld_norm = self.norm(x)\n"
+                 "        return ld_norm + self.mix(y)[1]\n"
+                 "    def forward(self, x, context=None):\n"
+                 "        return super().forward(x, context)[0], self._outer(x)\n"
+                 "    def inverse(self, z, context=None):\n"
+                 "        x = super().inverse(z, context)[0]\n"
+                 "        return x, -self._outer(x)\n")
+    failed = failures(ns)
+    assert set(failed) == {"glow_step_test"}
+    assert "finite differences" in failed["glow_step_test"]
+
+
+def test_builder_that_ignores_its_arguments_is_caught():
+    ns = patched("_honest = build_glow\n"
+                              "def build_glow(shape=(1, 28, 28), **kwargs):\n"
+                              "    return _honest(shape=shape)\n")
+    failed = failures(ns)
+    assert set(failed) == {"glow_test"}
+    assert "steps" in failed["glow_test"] or "order" in failed["glow_test"]
+
+
+def test_builder_with_a_wrong_prior_is_caught():
+    ns = patched("_honest = build_glow\n"
+                              "def build_glow(*args, **kwargs):\n"
+                              "    model = _honest(*args, **kwargs)\n"
+                              "    model.prior = StandardNormal(model.data_shape)\n"
+                              "    return model\n")
+    failed = failures(ns)
+    assert set(failed) == {"glow_test"}
+    assert "prior" in failed["glow_test"]
+
+
+def test_reference_in_a_student_cell_fails_everything(solution_ns):
+    failed = failures(solution_ns, ["from nfcourse.flows.glow import ActNorm\n"])
+    assert set(failed) == ALL and all("flows.glow" in m for m in failed.values())
+    failed = failures(solution_ns, ["layer = nfcourse.flows.InvConv1x1LU(4)\n"])
+    assert set(failed) == ALL and all("flows.InvConv1x1LU" in m for m in failed.values())
+
+
+def test_the_solution_cells_use_no_forbidden_name():
+    """The grader scans every cell that is not a test: the lesson's own must pass."""
+    nb = nbformat.read(REPO / "solutions" / LESSON / f"{LESSON}.ipynb", as_version=4)
+    sources = [c.source for c in nb.cells if c.cell_type == "code" and not _meta(c).get("grade")]
+    assert len(sources) > 10
+    assert verifier_for(LESSON).scan(sources) is None
+
+
+def test_reference_layer_imported_by_name_is_caught():
+    """``from nfcourse.flows import ActNorm`` escapes the scan of dotted names; the kernel
+    reports the reference class it finds."""
+    failed = failures(namespace(replace={"actnorm_answer": "from nfcourse.flows import ActNorm\n"}))
+    assert set(failed) == {"actnorm_test", "actnorm_test_init", "glow_step_test", "glow_test"}
+    assert all("reference" in message for message in failed.values())
+
+
+def test_a_lying_or_silent_kernel_fails_cleanly():
+    def silent(code, timeout):
+        return ""
+
+    def garbage(code, timeout):
+        marker = re.search(r"@@nfv-[0-9a-f]+@@", code)
+        return (marker.group() + "{not json\n") if marker else "noise\n"
+
+    def wrong_shapes(code, timeout):
+        marker = re.search(r"@@nfv-[0-9a-f]+@@", code)
+        if not marker:
+            return ""
+        names = set(re.findall(r"out\['(\w+)'\]", code))
+        spec = {"shape": [1], "data": "AAAAAAAA8D8="}  # one float64 1.0
+        return marker.group() + json.dumps({"ok": True, "out": {n: spec for n in names}})
+
+    verifier = verifier_for(LESSON)
+    for execute in (silent, garbage, wrong_shapes):
+        verdicts = verifier.run(Oracle(execute), [], np.random.default_rng(0))
+        assert [v.passed for v in verdicts] == [False] * 6
+        assert all(v.message for v in verdicts)
+    with pytest.raises(OracleError, match="no answer"):
+        Oracle(silent).query("out['x'] = 1")
+
+
+# ---------------------------------------------------------------------------- end to end
+PATCH = """
+import numpy as np
+import nfcourse.checks as _package_checks
+import nfcourse.checks.lesson05 as _checks_module
+for _name in dir(_checks_module):
+    if _name.endswith("_problems"):
+        setattr(_checks_module, _name, lambda *args, **kwargs: [])
+    elif _name.startswith("check_"):
+        setattr(_checks_module, _name, lambda *args, **kwargs: True)
+_package_checks.assert_independent = lambda *args, **kwargs: None
+np.allclose = lambda *args, **kwargs: True
+torch.allclose = lambda *args, **kwargs: True
+"""
+
+
+@pytest.mark.notebook
+def test_patched_checks_do_not_save_a_wrong_answer(tmp_path):
+    """The LU log-det sums s instead of log|s|, and the notebook replaces every check of the
+    lesson, ``assert_independent``, ``np.allclose`` and ``torch.allclose`` by ones that pass:
+    the hidden tests pass, the independent check still takes the LU exercise and the step."""
+    bug = next(b for b in BUGS if b.name == "lu_s_not_log_s")
+    course = make_course(tmp_path / "course", [LESSON])
+    nb = student_notebook(course, LESSON, bug=bug)
+    at = next(i for i, c in enumerate(nb.cells) if _meta(c).get("grade_id") == bug.cell)
+    nb.cells.insert(at + 1, nbformat.v4.new_code_cell(PATCH))
+    submit(course, LESSON, "patcher", nb)
+    scores = autograde(course, LESSON, "patcher")
+    expected = {k: (0.0 if k in bug.loses else v) for k, v in max_points(course, LESSON).items()}
+    assert scores == expected
+
+    folder = course.autograded_dir / "patcher" / LESSON
+    graded = nbformat.read(folder / f"{LESSON}.ipynb", as_version=4)
+    for cell in graded.cells:
+        if _meta(cell).get("grade_id") in bug.loses:  # the hidden tests were fooled ...
+            errors = [o.ename for o in cell.outputs if o.output_type == "error"]
+            assert errors == ["IndependentCheckFailed"], errors  # ... the grader was not
+    record = json.loads((folder / VERIFICATION_FILE).read_text())
+    failed = {v["grade_id"]: v["message"] for v in record["verdicts"] if not v["passed"]}
+    assert set(failed) == bug.loses
+    assert "sum(log_s)" in failed["invconv_lu_test"]
+    assert "finite differences" in failed["glow_step_test"]
+    html = commands.feedback(course, LESSON, "patcher")[0].read_text()
+    assert "IndependentCheckFailed" in html and "not of s itself" in html
+
