@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                 got = sum(c.score for c in cells.values())
                 total = sum(c.max_score for c in cells.values())
                 print(f"{student}: {got:g} / {total:g}")
+                record = commands.verification(course, args.lesson, student) or {}
+                for note in record.get("review", [])[:5]:
+                    print(f"    to review: {note}")
         elif args.command == "feedback":
             for path in commands.feedback(course, args.lesson, args.student):
                 print(path)

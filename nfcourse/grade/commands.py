@@ -35,6 +35,7 @@ __all__ = [
     "GradeError",
     "CellScore",
     "release",
+    "verification",
     "ensure_gradebook",
     "gradebook_is_current",
     "grading_env",
@@ -533,6 +534,21 @@ def scores(course: Course, lesson: str, student: str) -> dict[str, CellScore]:
             grade.name: CellScore(grade.name, float(grade.score), float(grade.max_score))
             for grade in submission.grades
         }
+
+
+def verification(course: Course, lesson: str, student: str) -> dict | None:
+    """The independent check's record of ``student``'s graded ``lesson`` (its verdicts and
+    the notes for review), or None when the lesson has no check or it was not graded."""
+    import json
+
+    path = course.autograded_dir / student / lesson / "nfcourse_verification.json"
+    if not path.is_file() or path.is_symlink():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 @dataclass

@@ -205,17 +205,19 @@ class GradingExecute(Execute):
         oracle = Oracle(self._query, timeout=self.verify_timeout) if alive else None
         started = time.monotonic()
         verdicts = verifier.run(oracle, sources, np.random.default_rng(seed))
-        self._record(resources, lesson, seed, verdicts, time.monotonic() - started)
+        self._record(resources, lesson, seed, verdicts, time.monotonic() - started,
+                     verifier.review(sources))
         return verdicts
 
-    def _record(self, resources, lesson, seed, verdicts, seconds) -> None:
-        """The verdicts beside the graded notebook, for instructors (written atomically)."""
+    def _record(self, resources, lesson, seed, verdicts, seconds, review) -> None:
+        """The verdicts beside the graded notebook, for instructors (written atomically),
+        with what in the student's cells an instructor should read (``review``)."""
         folder = (resources or {}).get("metadata", {}).get("path")
         if not folder:
             return
         path = Path(folder) / VERIFICATION_FILE
         record = {"lesson": lesson, "seed": seed, "seconds": round(seconds, 2),
-                  "verdicts": [v.to_dict() for v in verdicts]}
+                  "verdicts": [v.to_dict() for v in verdicts], "review": review}
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".nfcourse-", suffix=".tmp")
         with os.fdopen(fd, "w") as handle:
             json.dump(record, handle, indent=1)
@@ -233,5 +235,7 @@ class GradingExecute(Execute):
                     output_type="stream", name="stdout",
                     text=f"✓ independent check: {verdict.message}\n"))
             else:
-                cell.outputs.append(_error("IndependentCheckFailed", (
+                # First: nbgrader scores a cell by its first error or execute_result, so an
+                # error after a result (a test ending in a bare expression) would be ignored.
+                cell.outputs.insert(0, _error("IndependentCheckFailed", (
                     f"{verdict.message} (checked by the grader outside your notebook)")))

@@ -210,3 +210,10 @@ def test_plain_nbgrader_is_fooled_by_patched_checks(graded, tmp_path):
     commands.autograde(course, LESSON, "patch_checks")
     got = {k: v.score for k, v in commands.scores(course, LESSON, "patch_checks").items()}
     assert got == max_points(course, LESSON), _diff(got, max_points(course, LESSON))
+
+
+def test_dynamic_code_is_listed_for_review(graded):
+    course = graded["course"]
+    assert commands.verification(course, LESSON, "solution")["review"] == []
+    notes = commands.verification(course, LESSON, "segfault")["review"]
+    assert any(note.endswith("imports ctypes") for note in notes), notes

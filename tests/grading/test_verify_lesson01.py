@@ -115,6 +115,50 @@ def test_reference_in_a_student_cell_fails_everything(solution_ns):
     assert len(failed) == 6 and all("nfcourse.flows" in m for m in failed.values())
 
 
+# The reference reached without naming it: a name scan cannot see this, the call tracing does.
+OBFUSCATED_REFERENCE = (
+    "_m = __import__('nfcourse.fl' + 'ows', fromlist=['_'])\n"
+    "class MaskedAffineCoupling(getattr(_m, 'MaskedAffine' + 'Coupling')):\n"
+    "    def __init__(self, mask, hidden=16):\n"
+    "        super().__init__(mask, hidden=hidden)\n"
+)
+
+
+def test_reference_reached_by_a_computed_name_is_caught():
+    ns = namespace(replace={"coupling_answer": OBFUSCATED_REFERENCE})
+    sources = [OBFUSCATED_REFERENCE]
+    verifier = verifier_for(LESSON)
+    assert verifier.scan(sources) is None  # the name scan alone lets it through
+    failed = failures(ns, sources)
+    assert set(failed) == {"coupling_test_forward", "coupling_test_inverse", "train_test"}
+    assert all("reference answer (MaskedAffineCoupling" in m for m in failed.values())
+    assert verifier.review(sources) == ["cell 1, line 1: calls __import__"]
+
+
+def test_switching_off_the_tracing_is_caught(solution_ns):
+    ns = dict(solution_ns)
+    exec("import sys\n"  # noqa: S102
+         "class MaskedAffineCoupling(MaskedAffineCoupling):\n"
+         "    def forward(self, x, context=None):\n"
+         "        sys.settrace(None)\n"
+         "        return super().forward(x)\n", ns)
+    failed = failures(ns)
+    assert set(failed) == {"coupling_test_forward", "coupling_test_inverse"}
+    assert all("switched off" in m for m in failed.values())
+
+
+def test_review_notes_list_dynamic_code_in_order():
+    from nfcourse.grade.verify import review_notes
+
+    cells = ["%matplotlib inline\nimport numpy as np\nx = np.ones(3)\n",
+             "import importlib\nimport sys\nf = eval('1')\nsys.modules['a'] = None\n",
+             "_nfv_seen.clear()\n", "def broken(:\n"]
+    assert review_notes(cells) == [
+        "cell 2, line 1: imports importlib", "cell 2, line 3: calls eval",
+        "cell 2, line 4: uses .modules", "cell 3, line 1: names the grader's _nfv_seen"]
+    assert review_notes([s for s in cells if "importlib" not in s and "_nfv" not in s]) == []
+
+
 def test_a_lying_or_silent_kernel_fails_cleanly():
     def silent(code, timeout):
         return ""
@@ -130,3 +174,39 @@ def test_a_lying_or_silent_kernel_fails_cleanly():
         assert all(v.message for v in verdicts)
     with pytest.raises(OracleError, match="no answer"):
         Oracle(silent).query("out['x'] = 1")
+
+
+@pytest.mark.notebook
+def test_tracing_works_in_a_real_kernel():
+    """The call tracing runs inside ipykernel as it does here: an obfuscated reference is
+    caught and the student's own code is not."""
+    from jupyter_client.manager import start_new_kernel
+
+    from nfcourse.grade.verify.base import _reference_files
+
+    km, kc = start_new_kernel(kernel_name="python3")
+    try:
+        def execute(code: str, timeout: float) -> str:
+            chunks: list[str] = []
+
+            def hook(msg):
+                if msg["msg_type"] == "stream":
+                    chunks.append(msg["content"]["text"])
+
+            kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+            return "".join(chunks)
+
+        execute("import torch\nfrom torch import nn\n" + OBFUSCATED_REFERENCE, 60)
+        execute("class Own(nn.Module):\n    def forward(self, x):\n        return 2 * x\n", 60)
+        oracle = Oracle(execute)
+        oracle.watch(_reference_files(["nfcourse.flows.coupling:MaskedAffineCoupling"]))
+        out = oracle.query("out['z'] = Own()(_nfv_torch.as_tensor(inp['x']))", x=np.ones(3))
+        assert out["z"].tolist() == [2.0, 2.0, 2.0]
+        with pytest.raises(OracleError, match="reference answer"):
+            oracle.query("""
+                layer = MaskedAffineCoupling(_nfv_torch.tensor([1.0, 0.0]), hidden=4)
+                out['z'] = layer(_nfv_torch.as_tensor(inp['x']).float())[0]
+            """, x=np.ones((2, 2)))
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)

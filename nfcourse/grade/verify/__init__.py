@@ -10,6 +10,12 @@ held-out NLL). A kernel that lies can only pass by computing the right numbers, 
 the exercise. The grader then adds an error to every test cell whose check failed, so
 nbgrader, still the gradebook and feedback of record, scores it zero with the reason.
 
+While a query runs the student's code, the kernel traces Python calls (``sys.settrace``, one
+look per new frame): a check fails when the lesson's reference code runs, however it was
+reached, or when the tracing was switched off. Dynamic code in the student's cells
+(``__import__``, ``exec``, ``importlib``, ...) is listed for the instructor to read
+(:func:`review_notes`).
+
 A lesson opts in with a module here that defines ``VERIFIER`` (see :mod:`.lesson01`).
 """
 
@@ -21,7 +27,9 @@ from nfcourse.grade.verify.base import (
     OracleError,
     Verdict,
     Verifier,
+    review_notes,
     verifier_for,
 )
 
-__all__ = ["LocalOracle", "Oracle", "OracleError", "Verdict", "Verifier", "verifier_for"]
+__all__ = ["LocalOracle", "Oracle", "OracleError", "Verdict", "Verifier", "review_notes",
+           "verifier_for"]

@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import importlib
+import importlib.util
 import json
 import re
 import secrets
@@ -19,11 +21,12 @@ import textwrap
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 __all__ = ["Oracle", "LocalOracle", "OracleError", "Verdict", "Verifier", "verifier_for",
-           "KERNEL_PREAMBLE"]
+           "review_notes", "KERNEL_PREAMBLE"]
 
 
 class OracleError(RuntimeError):
@@ -52,6 +55,19 @@ import base64 as _nfv_b64, json as _nfv_json, sys as _nfv_sys
 import numpy as _nfv_np
 import torch as _nfv_torch
 _nfv_store = {}
+_nfv_watch = {}      # file name -> qualified-name prefixes ([] = the whole file)
+_nfv_seen = []
+
+def _nfv_hook(frame, event, arg):
+    """A global trace function that looks at each new frame once (returning None turns off
+    line tracing, so it costs one call per Python function call)."""
+    code = frame.f_code
+    rules = _nfv_watch.get(code.co_filename)
+    if rules is not None and len(_nfv_seen) < 5:
+        name = code.co_qualname
+        if not rules or any(name == r or name.startswith(r + ".") for r in rules):
+            _nfv_seen.append(name)
+    return None
 
 def _nfv_decode(spec):
     data = _nfv_np.frombuffer(_nfv_b64.b64decode(spec["data"]), dtype="<f8")
@@ -134,6 +150,19 @@ class Oracle:
         self._execute = execute
         self.timeout = timeout
         self._ready = False
+        self._watching = False
+
+    def _prepare(self) -> None:
+        if not self._ready:
+            self._execute(KERNEL_PREAMBLE, self.timeout)
+            self._ready = True
+
+    def watch(self, references: dict[str, list[str]]) -> None:
+        """From now on, a query fails when the code it runs calls into ``references``
+        (file name -> qualified-name prefixes, ``[]`` for the whole file)."""
+        self._prepare()
+        self._execute(f"_nfv_watch.clear(); _nfv_watch.update({references!r})\n", self.timeout)
+        self._watching = bool(references)
 
     def _run(self, code: str, timeout: float | None = None) -> dict:
         marker = f"@@nfv-{secrets.token_hex(8)}@@"
@@ -153,9 +182,7 @@ class Oracle:
 
     def query(self, code: str, timeout: float | None = None,
               **inputs: np.ndarray | float) -> dict[str, np.ndarray]:
-        if not self._ready:
-            self._execute(KERNEL_PREAMBLE, self.timeout)
-            self._ready = True
+        self._prepare()
         payload = json.dumps({k: _encode(np.asarray(v, dtype=float)) for k, v in inputs.items()})
         body = textwrap.indent(textwrap.dedent(code).strip(), "        ")
         program = (
@@ -164,19 +191,34 @@ class Oracle:
             "    with _nfv_torch.no_grad():\n"
             f"{body}\n"
             "    return out\n"
+            "_nfv_seen.clear()\n"
+            "_nfv_previous = _nfv_sys.gettrace()\n"
             "try:\n"
             f"    _nfv_inputs = _nfv_json.loads({payload!r})\n"
             "    _nfv_inputs = {k: _nfv_decode(v) for k, v in _nfv_inputs.items()}\n"
-            "    _nfv_result = {'ok': True, 'out': {k: _nfv_encode(v) for k, v in "
-            "_nfv_query(_nfv_inputs).items()}}\n"
+            "    _nfv_sys.settrace(_nfv_hook)\n"
+            "    try:\n"
+            "        _nfv_answer = _nfv_query(_nfv_inputs)\n"
+            "    finally:\n"
+            "        _nfv_traced = _nfv_sys.gettrace() is _nfv_hook\n"
+            "        _nfv_sys.settrace(_nfv_previous)\n"
+            "    _nfv_result = {'ok': True, 'traced': _nfv_traced, 'reference': _nfv_seen[:5],\n"
+            "                   'out': {k: _nfv_encode(v) for k, v in _nfv_answer.items()}}\n"
             "except BaseException as _nfv_error:\n"
             "    _nfv_result = {'ok': False, 'error': type(_nfv_error).__name__ + ': ' + "
-            "str(_nfv_error)[:300]}\n"
+            "str(_nfv_error)[:300], 'reference': _nfv_seen[:5]}\n"
         )
         answer = self._run(program, timeout)
+        if isinstance(answer, dict) and answer.get("reference"):
+            names = ", ".join(str(n) for n in answer["reference"][:3])
+            raise OracleError(f"your code ran the package's reference answer ({names}); "
+                              "answers must be your own code")
         if not isinstance(answer, dict) or not answer.get("ok"):
             error = answer.get("error", "?") if isinstance(answer, dict) else "?"
             raise OracleError(f"your code raised {error}")
+        if self._watching and answer.get("traced") is not True:
+            raise OracleError("the notebook switched off the grader's call tracing "
+                              "(sys.settrace) while its code was being checked")
         out = answer.get("out")
         if not isinstance(out, dict):
             raise OracleError("the kernel's answer is not a dict of arrays")
@@ -186,16 +228,95 @@ class Oracle:
 Check = Callable[[Oracle, np.random.Generator], str]
 
 
+#: Constructs that load or run code by a computed name, or reach into the grader's helpers:
+#: legitimate lesson code never needs them, so a submission that uses one is listed for the
+#: instructor to read (the verdicts stand; a name scan alone cannot see through them).
+_DYNAMIC_CALLS = {"__import__", "exec", "eval", "compile", "globals", "vars"}
+_DYNAMIC_MODULES = {"importlib", "builtins", "ctypes", "gc", "inspect"}
+_DYNAMIC_ATTRS = {"modules", "settrace", "setprofile", "gettrace", "__builtins__",
+                  "__globals__", "__code__", "__subclasses__"}
+
+
+def _strip_magics(source: str) -> str:
+    """IPython magics and shell lines are not Python; blank them before parsing."""
+    return "\n".join("" if line.lstrip().startswith(("%", "!")) else line
+                     for line in source.splitlines())
+
+
+def review_notes(sources: Iterable[str]) -> list[str]:
+    """What in the student's cells an instructor should read: dynamic imports and code,
+    access to the interpreter's internals, the grader's ``_nfv`` helpers.
+
+    Example:
+        >>> review_notes(["m = __import__('nfc' + 'ourse.flows')"])
+        ['cell 1, line 1: calls __import__']
+    """
+    notes: list[tuple[int, int, str]] = []
+    for number, source in enumerate(sources, start=1):
+        try:
+            tree = ast.parse(_strip_magics(source))
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            what = None
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                    and node.func.id in _DYNAMIC_CALLS:
+                what = f"calls {node.func.id}"
+            elif isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) \
+                    else [node.module or ""]
+                hit = [n for n in names if n.split(".")[0] in _DYNAMIC_MODULES]
+                if hit:
+                    what = f"imports {hit[0]}"
+            elif isinstance(node, ast.Attribute) and node.attr in _DYNAMIC_ATTRS:
+                what = f"uses .{node.attr}"
+            elif isinstance(node, ast.Name) and node.id.startswith("_nfv"):
+                what = f"names the grader's {node.id}"
+            if what is not None:
+                notes.append((number, getattr(node, "lineno", 0), what))
+    return [f"cell {n}, line {line}: {what}" for n, line, what in sorted(notes)]
+
+
+def _reference_files(references: Iterable[str]) -> dict[str, list[str]]:
+    """``"package.module"`` or ``"package.module:Qualname"`` -> {file: [qualname, ...]}."""
+    files: dict[str, list[str]] = {}
+    for ref in references:
+        module, _, qualname = ref.partition(":")
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.origin:
+            raise ValueError(f"reference module {module!r} not found")
+        if spec.submodule_search_locations:  # a package: every module in it, whole
+            if qualname:
+                raise ValueError(f"{ref}: name a module, not a package, with a qualname")
+            for folder in spec.submodule_search_locations:
+                files.update({str(f): [] for f in sorted(Path(folder).rglob("*.py"))})
+            continue
+        rules = files.setdefault(spec.origin, [])
+        if qualname:
+            rules.append(qualname)
+        elif rules:
+            raise ValueError(f"{module} is watched whole and in part")
+    return files
+
+
 @dataclass
 class Verifier:
     """A lesson's independent checks: ``checks[grade_id](oracle, rng)`` returns a short
     summary of what it verified, or raises AssertionError / OracleError saying what is
-    wrong. ``forbidden`` are names no student cell may use (the reference answers)."""
+    wrong. ``forbidden`` are names no student cell may use (the reference answers);
+    ``references`` (``"module"`` or ``"module:Qualname"``) is the reference code that must
+    not run while a check's query runs the student's answers (caught however it was
+    reached: imported under another name, subclassed, called through ``__import__``)."""
 
     lesson: str
     checks: dict[str, Check]
     forbidden: tuple[str, ...] = ()
+    references: tuple[str, ...] = ()
     depends: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def review(self, sources: Iterable[str]) -> list[str]:
+        """:func:`review_notes` of the student's cells."""
+        return review_notes(sources)
 
     def scan(self, sources: Iterable[str]) -> str | None:
         """The first forbidden name found in the student's cells, if any."""
@@ -207,8 +328,14 @@ class Verifier:
 
     def run(self, oracle: Oracle | None, student_sources: Iterable[str],
             rng: np.random.Generator) -> list[Verdict]:
+        student_sources = list(student_sources)
         used = self.scan(student_sources)
         verdicts = []
+        if oracle is not None and used is None and self.references:
+            try:
+                oracle.watch(_reference_files(self.references))
+            except OracleError:
+                oracle = None  # the kernel cannot take even that: nothing can be checked
         for grade_id, check in self.checks.items():
             if used is not None:
                 verdicts.append(Verdict(grade_id, False, f"the notebook uses `{used}`, a reference "

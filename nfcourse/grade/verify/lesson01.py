@@ -258,4 +258,5 @@ VERIFIER = Verifier(
     },
     forbidden=("nfcourse.flows", "realnvp_2d", "two_moons_log_prob", "FlowModel",
                "nfcourse.grade"),
+    references=("nfcourse.flows",),
 )

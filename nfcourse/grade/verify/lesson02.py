@@ -686,4 +686,7 @@ VERIFIER = _Lesson02Verifier(
     forbidden=("flows.Dequantization", "flows.VariationalDequantization", "flows.dequantization",
                "LogitTransform", "check_pixels", ".bits_per_dim", ".importance_bpd",
                ".importance_log_prob", "nfcourse.grade"),
+    references=("nfcourse.flows.dequantization", "nfcourse.flows.model:FlowModel.bits_per_dim",
+                "nfcourse.flows.model:FlowModel.importance_bpd",
+                "nfcourse.flows.model:FlowModel.importance_log_prob"),
 )

@@ -925,4 +925,7 @@ VERIFIER = Verifier(
     },
     forbidden=("flows.ActNorm", "flows.InvConv1x1", "flows.InvConv1x1LU", "flows.GlowStep",
                "flows.glow", "flows.builders", "nfcourse.grade"),
+    references=("nfcourse.flows.glow:ActNorm", "nfcourse.flows.glow:InvConv1x1",
+                "nfcourse.flows.glow:InvConv1x1LU", "nfcourse.flows.glow:GlowStep",
+                "nfcourse.flows.builders:glow"),
 )
