@@ -1,0 +1,282 @@
+"""Lesson 06's independent check on answers run in this process (no notebook, no kernel).
+
+It must pass the solution, fail exactly the exercises each planted bug breaks (the same
+ones the notebook's hidden tests fail, see test_lesson06.py), fail the cheats the hidden
+tests can be fooled into passing, and turn a kernel that answers nonsense into a failed
+verdict rather than a crash. One end-to-end test grades a submission that patches
+``nfcourse.checks`` and ``torch.allclose`` around a wrong answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+
+import nbformat
+import numpy as np
+import pytest
+from harness import (
+    REPO,
+    Bug,
+    autograde,
+    make_course,
+    max_points,
+    strip_solution_markers,
+    student_notebook,
+    submit,
+)
+from hostile import edit_answer
+from test_lesson06 import BUGS
+
+from nfcourse.grade import commands
+from nfcourse.grade.execute import VERIFICATION_FILE
+from nfcourse.grade.verify import LocalOracle, Oracle, OracleError, Verifier, verifier_for
+from nfcourse.grade.verify.lesson06 import (
+    expm,
+    one_sided_logabsdet,
+    one_sided_points,
+    rk4_augmented,
+)
+
+LESSON = "06_ffjord_gifs"
+#: cells the queries do not need: pictures, demos, self-checks, the RealNVP comparison, GIFs
+SKIP = ("def rotation", "# Self-check", "def estimates", "class Counted",
+        "from torchdiffeq import odeint_adjoint", "def validate", "fig,", "torch.manual_seed(2)",
+        "with torch.no_grad(), checks.tight_solver", "def flow_path", "labels =", "MY_IMAGE")
+ALL = {"odefunc_test", "divergence_test", "hutchinson_test", "hutchinson_test_noise",
+       "cnf_test", "cnf_test_jacobian", "train_moons_test", "train_image_test"}
+
+pytestmark = pytest.mark.xdist_group("verify06")
+
+
+def _notebook():
+    return nbformat.read(REPO / "solutions" / LESSON / f"{LESSON}.ipynb", as_version=4)
+
+
+def _cells() -> list[tuple[str | None, str]]:
+    out = []
+    for cell in _notebook().cells:
+        meta = cell.metadata.get("nbgrader", {})
+        if cell.cell_type != "code" or meta.get("grade"):
+            continue
+        source = strip_solution_markers(cell.source)
+        if source.lstrip().startswith(SKIP):
+            continue  # not needed to answer the queries
+        out.append((meta.get("grade_id"), source))
+    return out
+
+
+def _run(cells: list[tuple[str | None, str]], ns: dict) -> dict:
+    for grade_id, source in cells:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            try:  # like a kernel: a cell that fails leaves what it defined so far
+                exec(compile(source, f"<{grade_id or 'cell'}>", "exec"), ns)  # noqa: S102
+            except Exception:  # noqa: BLE001
+                pass
+    return ns
+
+
+def with_edit(base: dict, cell: str, old: str, new: str) -> dict:
+    """``base`` (the solution's namespace) with answer ``cell`` edited and it and every cell
+    after it run again on a copy (the cells before it are the solution's anyway)."""
+    cells = _cells()
+    start = [gid for gid, _ in cells].index(cell)
+    gid, source = cells[start]
+    assert source.count(old) == 1, f"{old!r} is not once in {cell}"
+    cells[start] = (gid, source.replace(old, new))
+    return _run(cells[start:], dict(base))
+
+
+@contextlib.contextmanager
+def patched(ns: dict, code: str, undo: str = ""):
+    """``ns`` with ``code`` run after the notebook (a submission's extra cell), in place so
+    that the answers' functions, whose globals are ``ns``, see it; ``undo`` and restoring
+    ``ns``'s names put the solution back afterwards."""
+    saved = dict(ns)
+    exec(code, ns)  # noqa: S102
+    try:
+        yield ns
+    finally:
+        if undo:
+            exec(undo, ns)  # noqa: S102
+        ns.clear()
+        ns.update(saved)
+
+
+def failures(ns: dict, sources: list[str] | None = None, seed: int = 7,
+             only: tuple[str, ...] | None = None) -> dict[str, str]:
+    """The failed checks (grade id -> message); ``only`` runs just those checks (the
+    training checks cost a second each: cheats that cannot touch a check skip it)."""
+    verifier = verifier_for(LESSON)
+    if only is not None:
+        verifier = Verifier(lesson=verifier.lesson, forbidden=verifier.forbidden,
+                            checks={k: verifier.checks[k] for k in only})
+    verdicts = verifier.run(LocalOracle(ns), sources or [], np.random.default_rng(seed))
+    return {v.grade_id: v.message for v in verdicts if not v.passed}
+
+
+@pytest.fixture(scope="module")
+def solution_ns():
+    return _run(_cells(), {})
+
+
+# ------------------------------------------------------------------- the grader's own maths
+def test_grader_maths_is_exact():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, 3))
+    values, vectors = np.linalg.eig(a)
+    by_eig = (vectors * np.exp(values)) @ np.linalg.inv(vectors)
+    assert np.max(np.abs(expm(a) - by_eig.real)) < 1e-12
+    assert np.max(np.abs(expm(3 * a) - expm(a) @ expm(a) @ expm(a))) < 1e-9
+
+    def linear(t, z):  # dz/dt = t A z: the flow is expm(A t^2 / 2)
+        return t * (z @ a.T), np.full(len(z), t * np.trace(a))
+
+    x = rng.normal(size=(4, 3))
+    z, ld = rk4_augmented(linear, x, 0.0, 1.2)
+    assert np.max(np.abs(z - x @ expm(a * 0.72).T)) < 1e-9
+    assert np.max(np.abs(ld - 0.72 * np.trace(a))) < 1e-12
+    # forward differences of z = tanh(x) A^T: log|det| = log|det A| + sum log(1 - tanh^2 x)
+    probes = one_sided_points(x, 1e-6)
+    got = one_sided_logabsdet(np.tanh(probes) @ a.T, 4, 3, 1e-6)
+    expected = np.linalg.slogdet(a)[1] + np.log(1 - np.tanh(x) ** 2).sum(axis=1)
+    assert np.max(np.abs(got - expected)) < 1e-5
+
+
+# ---------------------------------------------------------------------- solution and bugs
+def test_solution_passes_every_check(solution_ns):
+    assert failures(solution_ns) == {}
+
+
+def test_lesson_code_uses_no_forbidden_name():
+    sources = [c.source for c in _notebook().cells
+               if c.cell_type == "code" and not c.metadata.get("nbgrader", {}).get("grade")]
+    assert verifier_for(LESSON).scan(sources) is None
+
+
+@pytest.mark.parametrize("bug", BUGS, ids=[b.name for b in BUGS])
+def test_planted_bug_fails_exactly_its_exercises(solution_ns, bug):
+    ns = with_edit(solution_ns, bug.cell, bug.old, bug.new)
+    assert set(failures(ns)) == set(bug.loses)
+
+
+# ------------------------------------------------------------------------------ cheats
+def test_exact_density_in_place_of_the_model_is_caught(solution_ns):
+    """log_prob replaced by the exact two-moons density: the hidden test's KL is then zero."""
+    with patched(solution_ns, "moons_model.log_prob = "
+                 "lambda x: checks.moons_log_prob(x).to(x.dtype)\n",
+                 "del moons_model.log_prob\n") as ns:
+        failed = failures(ns, only=("cnf_test", "train_moons_test"))
+    assert set(failed) == {"train_moons_test"}
+    assert "change of variables" in failed["train_moons_test"]
+
+
+def test_inflated_log_prob_is_caught(solution_ns):
+    """log_prob + 0.5 (training is unchanged by a constant): the trained densities too."""
+    with patched(solution_ns, "_lp = CNF.log_prob\n"
+                 "CNF.log_prob = lambda self, x: _lp(self, x) + 0.5\n",
+                 "CNF.log_prob = _lp\n") as ns:
+        failed = failures(ns, only=("cnf_test", "cnf_test_jacobian", "train_image_test"))
+    assert set(failed) == {"cnf_test", "train_image_test"}
+    assert "negative" in failed["train_image_test"] or \
+        "change of variables" in failed["train_image_test"]
+
+
+def test_inflated_trained_density_is_caught(solution_ns):
+    with patched(solution_ns, "_lp = image_model.log_prob\n"
+                 "image_model.log_prob = lambda x: _lp(x) + 0.3\n",
+                 "del image_model.log_prob\n") as ns:
+        assert set(failures(ns, only=("train_moons_test", "train_image_test"))) == {
+            "train_image_test"}
+
+
+def test_identity_flow_is_caught(solution_ns):
+    with patched(solution_ns, "_transform = CNF.transform\n"
+                 "CNF.transform = lambda self, x, t0, t1: (x, x.new_zeros(x.shape[0]))\n",
+                 "CNF.transform = _transform\n") as ns:
+        failed = failures(ns, only=("divergence_test", "cnf_test", "cnf_test_jacobian",
+                                    "train_moons_test"))
+    assert set(failed) == {"cnf_test", "cnf_test_jacobian", "train_moons_test"}
+
+
+def test_exact_trace_as_hutchinson_is_caught(solution_ns):
+    """An 'estimator' that ignores its noise is exact, so every hidden mean test passes."""
+    with patched(solution_ns, "def hutchinson_divergence(f, z, t, noise):\n"
+                 "    return exact_divergence(f, z, t)\n") as ns:
+        failed = failures(ns, only=("divergence_test", "hutchinson_test",
+                                    "hutchinson_test_noise", "cnf_test_jacobian"))
+    assert set(failed) == {"hutchinson_test", "cnf_test_jacobian"}
+
+
+def test_builder_that_ignores_its_arguments_is_caught(solution_ns):
+    with patched(solution_ns, "_Base = ODEFunc\n"
+                 "class ODEFunc(_Base):\n"
+                 "    def __init__(self, dim=2, hidden=64, layers=3):\n"
+                 "        super().__init__(dim=2, hidden=hidden, layers=layers)\n") as ns:
+        failed = failures(ns, only=("odefunc_test", "divergence_test"))
+    assert set(failed) == {"odefunc_test"}
+
+
+def test_reference_in_a_student_cell_fails_everything(solution_ns):
+    failed = failures(solution_ns, ["from nfcourse import cnf\nCNF = cnf.CNF\n"])
+    assert set(failed) == ALL and all("import cnf" in m for m in failed.values())
+
+
+def test_a_lying_or_silent_kernel_fails_cleanly():
+    def silent(code, timeout):
+        return ""
+
+    def garbage(code, timeout):
+        marker = re.search(r"@@nfv-[0-9a-f]+@@", code)
+        return (marker.group() + "{not json\n") if marker else "noise\n"
+
+    verifier = verifier_for(LESSON)
+    for execute in (silent, garbage):
+        verdicts = verifier.run(Oracle(execute), [], np.random.default_rng(0))
+        assert [v.passed for v in verdicts] == [False] * len(ALL)
+        assert all(v.message for v in verdicts)
+    with pytest.raises(OracleError, match="no answer"):
+        Oracle(silent).query("out['x'] = 1")
+
+
+# ------------------------------------------------------------------------- end to end
+PATCHES = """
+import torch as _torch
+import nfcourse.checks.lesson06 as _checks_module
+for _name in dir(_checks_module):
+    if _name.endswith("_problems"):
+        setattr(_checks_module, _name, lambda *args, **kwargs: [])
+    elif _name.startswith("check_"):
+        setattr(_checks_module, _name, lambda *args, **kwargs: True)
+_torch.allclose = lambda *args, **kwargs: True
+"""
+
+
+@pytest.mark.notebook
+def test_patched_submission_loses_what_its_wrong_answer_breaks(tmp_path):
+    """Uniform noise in sample_noise, with the checks and torch.allclose patched so that every
+    hidden test passes: the independent check still takes the three exercises it breaks."""
+    course = make_course(tmp_path / "course", [LESSON])
+    bug = next(b for b in BUGS if b.name == "hutchinson_uniform_noise")
+    nb = edit_answer(student_notebook(course, LESSON, bug=Bug(
+        "uniform", cell=bug.cell, old=bug.old, new=bug.new)), bug.cell,
+        lambda source: source + "\n" + PATCHES)
+    # the demos and pictures grade nothing: a student may delete them (keeps the test quick)
+    demos = tuple(p for p in SKIP if p != "# Self-check")
+    nb.cells = [c for c in nb.cells if c.cell_type != "code" or "nbgrader" in c.metadata
+                or not c.source.lstrip().startswith(demos)]
+    submit(course, LESSON, "patcher", nb)
+    scores = autograde(course, LESSON, "patcher")
+    points = max_points(course, LESSON)
+    assert scores == {k: (0.0 if k in bug.loses else v) for k, v in points.items()}
+    record = json.loads((course.autograded_dir / "patcher" / LESSON / VERIFICATION_FILE)
+                        .read_text())
+    failed = {v["grade_id"]: v["message"] for v in record["verdicts"] if not v["passed"]}
+    assert set(failed) == set(bug.loses)
+    assert "E[eps eps^T] = I" in failed["hutchinson_test_noise"]
+    assert "biased" in failed["hutchinson_test"] and "biased" in failed["cnf_test_jacobian"]
+    commands.feedback(course, LESSON, "patcher")
+    html = (course.feedback_dir / "patcher" / LESSON / f"{LESSON}.html").read_text()
+    assert "IndependentCheckFailed" in html and "E[eps eps^T] = I" in html
