@@ -112,6 +112,7 @@ def failures(ns: dict, sources: list[str] | None = None, seed: int = 7,
     verifier = verifier_for(LESSON)
     if only is not None:
         verifier = Verifier(lesson=verifier.lesson, forbidden=verifier.forbidden,
+                            references=verifier.references,
                             checks={k: verifier.checks[k] for k in only})
     verdicts = verifier.run(LocalOracle(ns), sources or [], np.random.default_rng(seed))
     return {v.grade_id: v.message for v in verdicts if not v.passed}
@@ -222,6 +223,26 @@ def test_builder_that_ignores_its_arguments_is_caught(solution_ns):
 def test_reference_in_a_student_cell_fails_everything(solution_ns):
     failed = failures(solution_ns, ["from nfcourse import cnf\nCNF = cnf.CNF\n"])
     assert set(failed) == ALL and all("import cnf" in m for m in failed.values())
+
+
+# The reference reached without naming it: the name scan cannot see this, the call tracing does.
+OBFUSCATED_REFERENCE = (
+    "_m = __import__('nfcourse.c' + 'nf', fromlist=['_'])\n"
+    "def exact_divergence(f, z, t):\n"
+    "    return getattr(_m, 'exact_' + 'divergence')(f, z, t)\n"
+)
+
+
+def test_reference_reached_by_a_computed_name_is_caught(solution_ns):
+    verifier = verifier_for(LESSON)
+    assert verifier.scan([OBFUSCATED_REFERENCE]) is None  # the name scan alone lets it through
+    with patched(solution_ns, OBFUSCATED_REFERENCE) as ns:  # the CNF calls it too
+        failed = failures(ns, [OBFUSCATED_REFERENCE], only=(
+            "divergence_test", "hutchinson_test", "cnf_test", "cnf_test_jacobian",
+            "train_image_test"))
+    assert set(failed) == {"divergence_test", "cnf_test", "cnf_test_jacobian",
+                           "train_image_test"}
+    assert all("reference answer (exact_divergence" in m for m in failed.values())
 
 
 def test_a_lying_or_silent_kernel_fails_cleanly():
