@@ -21,10 +21,12 @@ BUGS = [
         old="z.permute(0, 1, 3, 5, 2, 4)", new="z.permute(0, 1, 5, 3, 2, 4)",
         loses={"squeeze_test", "multiscale_test"}),
     # the factored-out half is never scored by the prior: the split test and the flow's
-    # identity-at-initialisation check fail (the bpd it reports is then not a bound at all)
+    # identity-at-initialisation check fail. Training then reports a negative bits/dim
+    # (about -0.4 in fast mode), which no bound on a discrete likelihood can be; scored
+    # with the prior term its held-out bound is about 260 bits/dim, so training fails too.
     Bug("split_missing_prior_term", cell="split_answer",
         old="return z1, log_normal(z2)", new="return z1, x.new_zeros(x.shape[0])",
-        loses={"split_test", "multiscale_test"}),
+        loses={"split_test", "multiscale_test", "train_test"}),
     # the halves put back in the wrong order
     Bug("split_inverse_order", cell="split_answer",
         old="torch.cat([z, z2], dim=1)", new="torch.cat([z2, z], dim=1)",

@@ -147,6 +147,38 @@ def test_switching_off_the_tracing_is_caught(solution_ns):
     assert all("switched off" in m for m in failed.values())
 
 
+def test_package_code_built_on_the_reference_may_call_it():
+    """A trusted caller (the package's variational dequantization, made of the reference
+    couplings) runs them freely; the same couplings called from the student's code, even
+    through the package's own Compose or beside a trusted object, are still caught."""
+    import torch
+
+    from nfcourse import flows
+    from nfcourse.grade.verify.base import _reference_files
+
+    class Wrapper(torch.nn.Module):  # a "student" layer that hides a reference coupling
+        def __init__(self):
+            super().__init__()
+            self.inner = flows.VariationalDequantization(channels=1, c_hidden=4, num_layers=1)
+
+        def forward(self, x):
+            return self.inner.noise_flow(x, x)
+
+    oracle = LocalOracle({"flows": flows, "Wrapper": Wrapper})
+    oracle.watch(_reference_files(["nfcourse.flows.coupling", "nfcourse.flows.masks"]),
+                 _reference_files(["nfcourse.flows.dequantization:VariationalDequantization"]))
+    out = oracle.query("""
+        vd = flows.VariationalDequantization(channels=1, c_hidden=4, num_layers=1)
+        out['z'] = vd(_nfv_torch.as_tensor(inp['x']).float())[0]
+    """, x=np.full((2, 1, 4, 4), 3.0))
+    assert out["z"].shape == (2, 1, 4, 4)
+    for attempt in ("flows.Compose([flows.AffineCoupling(1, 'checkerboard')])",
+                    "Wrapper()"):
+        with pytest.raises(OracleError, match="reference answer.*AffineCoupling"):
+            oracle.query(f"out['z'] = ({attempt})(_nfv_torch.as_tensor(inp['x']).float())[0]",
+                         x=np.ones((2, 1, 4, 4)))
+
+
 def test_review_notes_list_dynamic_code_in_order():
     from nfcourse.grade.verify import review_notes
 

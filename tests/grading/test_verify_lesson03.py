@@ -213,6 +213,24 @@ def test_reference_in_a_student_cell_fails_everything(solution_ns):
         assert set(failed) == ALL and all(name in m for m in failed.values()), failed
 
 
+OBFUSCATED_COUPLING = """
+_reference = getattr(nfcourse.flows, "Affine" + "Coupling")
+class ImageAffineCoupling(_reference):
+    def __init__(self, c_in, mask, net=None, c_hidden=32, num_layers=2):
+        super().__init__(c_in, mask, net, c_hidden=c_hidden, num_layers=num_layers)
+"""
+
+
+def test_reference_reached_by_a_computed_name_is_caught(solution_ns):
+    """The name scan cannot see a reference coupling fetched by a computed name; the call
+    tracing sees it run, in the coupling's checks and in the flow built from it."""
+    assert verifier_for(LESSON).scan([OBFUSCATED_COUPLING]) is None
+    ns = namespace(solution_ns, "coupling_answer", replace={"coupling_answer": OBFUSCATED_COUPLING})
+    failed = failures(ns, [OBFUSCATED_COUPLING])
+    for grade_id in ("coupling_test", "coupling_test_init", "simple_flow_test"):
+        assert "reference answer (AffineCoupling" in failed.get(grade_id, ""), failed
+
+
 def test_the_lesson_s_own_cells_use_no_reference():
     assert verifier_for(LESSON).scan([source for _, source in _cells()]) is None
 

@@ -56,17 +56,30 @@ import numpy as _nfv_np
 import torch as _nfv_torch
 _nfv_store = {}
 _nfv_watch = {}      # file name -> qualified-name prefixes ([] = the whole file)
+_nfv_trust = {}      # the same, for package code built on the reference (may call it)
 _nfv_seen = []
+
+def _nfv_match(table, code):
+    rules = table.get(code.co_filename)
+    if rules is None:
+        return False
+    name = code.co_qualname
+    return not rules or any(name == r or name.startswith(r + ".") for r in rules)
+
+def _nfv_trusted(frame):
+    while frame is not None:
+        if _nfv_match(_nfv_trust, frame.f_code):
+            return True
+        frame = frame.f_back
+    return False
 
 def _nfv_hook(frame, event, arg):
     """A global trace function that looks at each new frame once (returning None turns off
-    line tracing, so it costs one call per Python function call)."""
-    code = frame.f_code
-    rules = _nfv_watch.get(code.co_filename)
-    if rules is not None and len(_nfv_seen) < 5:
-        name = code.co_qualname
-        if not rules or any(name == r or name.startswith(r + ".") for r in rules):
-            _nfv_seen.append(name)
+    line tracing, so it costs one call per Python function call). The stack is walked only
+    when a reference frame starts."""
+    if (len(_nfv_seen) < 5 and _nfv_match(_nfv_watch, frame.f_code)
+            and not (_nfv_trust and _nfv_trusted(frame.f_back))):
+        _nfv_seen.append(frame.f_code.co_qualname)
     return None
 
 def _nfv_decode(spec):
@@ -157,11 +170,16 @@ class Oracle:
             self._execute(KERNEL_PREAMBLE, self.timeout)
             self._ready = True
 
-    def watch(self, references: dict[str, list[str]]) -> None:
+    def watch(self, references: dict[str, list[str]],
+              trusted: dict[str, list[str]] | None = None) -> None:
         """From now on, a query fails when the code it runs calls into ``references``
-        (file name -> qualified-name prefixes, ``[]`` for the whole file)."""
+        (file name -> qualified-name prefixes, ``[]`` for the whole file), unless the call
+        comes from inside ``trusted`` (package code the lesson may use that is itself built
+        on the reference, such as a variational dequantization made of couplings)."""
         self._prepare()
-        self._execute(f"_nfv_watch.clear(); _nfv_watch.update({references!r})\n", self.timeout)
+        self._execute(f"_nfv_watch.clear(); _nfv_watch.update({references!r})\n"
+                      f"_nfv_trust.clear(); _nfv_trust.update({trusted or {}!r})\n",
+                      self.timeout)
         self._watching = bool(references)
 
     def _run(self, code: str, timeout: float | None = None) -> dict:
@@ -306,12 +324,15 @@ class Verifier:
     wrong. ``forbidden`` are names no student cell may use (the reference answers);
     ``references`` (``"module"`` or ``"module:Qualname"``) is the reference code that must
     not run while a check's query runs the student's answers (caught however it was
-    reached: imported under another name, subclassed, called through ``__import__``)."""
+    reached: imported under another name, subclassed, called through ``__import__``);
+    ``trusted`` (same form) is package code the lesson allows whose own calls into the
+    reference are fine."""
 
     lesson: str
     checks: dict[str, Check]
     forbidden: tuple[str, ...] = ()
     references: tuple[str, ...] = ()
+    trusted: tuple[str, ...] = ()
     depends: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def review(self, sources: Iterable[str]) -> list[str]:
@@ -333,7 +354,7 @@ class Verifier:
         verdicts = []
         if oracle is not None and used is None and self.references:
             try:
-                oracle.watch(_reference_files(self.references))
+                oracle.watch(_reference_files(self.references), _reference_files(self.trusted))
             except OracleError:
                 oracle = None  # the kernel cannot take even that: nothing can be checked
         for grade_id, check in self.checks.items():

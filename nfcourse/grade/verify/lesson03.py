@@ -554,4 +554,10 @@ VERIFIER = _Lesson03Verifier(
         "train_test": check_trained,
     },
     forbidden=FORBIDDEN,
+    # the reference masks, couplings and builders; the lesson's flows may start with the
+    # package's VariationalDequantization, which is itself made of the reference couplings
+    references=("nfcourse.flows.masks", "nfcourse.flows.coupling",
+                "nfcourse.flows.builders:simple_image_flow",
+                "nfcourse.flows.builders:multiscale_flow"),
+    trusted=("nfcourse.flows.dequantization:VariationalDequantization",),
 )
