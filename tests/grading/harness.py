@@ -39,7 +39,9 @@ Cost: each autograde executes the whole notebook once (fast mode). Keep lessons 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import re
 import shutil
 from collections.abc import Iterable, Mapping
@@ -128,6 +130,45 @@ _END = re.compile(r"^[ \t]*#+[ \t]*END SOLUTION[^\n]*(\n|$)", re.MULTILINE)
 def strip_solution_markers(source: str) -> str:
     """``source`` without its ``### BEGIN SOLUTION`` / ``### END SOLUTION`` lines."""
     return _END.sub("", _BEGIN.sub("", source))
+
+
+Cell = tuple[str | None, str]  # (grade id or None, source)
+
+
+def solution_cells(lesson: str, *, skip_prefixes: tuple[str, ...] = (),
+                   skip_containing: tuple[str, ...] = (),
+                   drop_lines: tuple[str, ...] = ()) -> list[Cell]:
+    """The code cells of the lesson's solution notebook that are not hidden tests, markers
+    stripped, as ``(grade_id, source)``: what a student's kernel holds after running the
+    notebook. Cells that start with one of ``skip_prefixes`` or contain one of
+    ``skip_containing`` (pictures, self-checks) are left out, and so are the lines that
+    start with one of ``drop_lines``."""
+    nb = nbformat.read(REPO / "solutions" / lesson / f"{lesson}.ipynb", as_version=4)
+    cells = []
+    for cell in nb.cells:
+        meta = _meta(cell)
+        if cell.cell_type != "code" or meta.get("grade"):
+            continue
+        source = strip_solution_markers(cell.source)
+        if source.lstrip().startswith(skip_prefixes) or any(m in source for m in skip_containing):
+            continue
+        if drop_lines:
+            source = "".join(line for line in source.splitlines(keepends=True)
+                             if not line.lstrip().startswith(drop_lines))
+        cells.append((meta.get("grade_id"), source))
+    return cells
+
+
+def run_cells(ns: dict, cells: Iterable[Cell]) -> dict:
+    """Run ``cells`` in ``ns`` as a kernel would: quietly, and a cell that fails leaves what
+    it defined before the error (then the next cell runs)."""
+    for grade_id, source in cells:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                exec(compile(source, f"<{grade_id or 'cell'}>", "exec"), ns)  # noqa: S102
+            except Exception:  # noqa: BLE001
+                pass
+    return ns
 
 
 def solution_answers(course: Course, lesson: str) -> dict[str, str]:

@@ -65,6 +65,29 @@ for _name in dir(_checks_module):
         setattr(_checks_module, _name, lambda *args, **kwargs: None)
 """
 
+def patch_everything(lesson: str) -> str:
+    """A cell that makes every hidden test's helpers pass: ``np.allclose`` and
+    ``torch.allclose``, the package's ``assert_independent`` (and the notebook's name for
+    it), and in the lesson's checks module every ``check_*`` (True), ``*_problems`` (none)
+    and ``require`` (the report, unread)."""
+    return f"""
+import numpy as np
+import torch
+import nfcourse.checks as _checks_package
+import nfcourse.checks.lesson{lesson[:2]} as _checks_module
+for _name in dir(_checks_module):
+    if _name.endswith("_problems"):
+        setattr(_checks_module, _name, lambda *args, **kwargs: [])
+    elif _name.startswith("check_"):
+        setattr(_checks_module, _name, lambda *args, **kwargs: True)
+_checks_module.require = lambda report, *names, **kwargs: report
+_checks_package.assert_independent = lambda *args, **kwargs: None
+assert_independent = lambda *args, **kwargs: None
+np.allclose = lambda *args, **kwargs: True
+torch.allclose = lambda *args, **kwargs: True
+"""
+
+
 IDENTITY_COUPLING = """
 class MaskedAffineCoupling(nn.Module):
     def __init__(self, mask, hidden=64):

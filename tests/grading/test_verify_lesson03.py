@@ -12,31 +12,29 @@ after it, on a copy.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
-import re
 
 import nbformat
 import numpy as np
 import pytest
 from harness import (
-    REPO,
     Bug,
+    Cell,
     autograde,
     make_course,
     max_points,
-    strip_solution_markers,
+    run_cells,
+    solution_cells,
     student_notebook,
     submit,
 )
-from hostile import add_cell_after
+from hostile import add_cell_after, patch_everything
 from test_lesson03 import BUGS
 
 from nfcourse.grade import commands
 from nfcourse.grade.execute import VERIFICATION_FILE
-from nfcourse.grade.verify import LocalOracle, Oracle, OracleError, verifier_for
+from nfcourse.grade.verify import LocalOracle, verifier_for
 
 LESSON = "03_coupling_layers"
 # pictures, self-checks and the printed test bpd: not needed to answer the queries
@@ -47,28 +45,10 @@ ALL = {"checkerboard_mask_test", "channel_mask_test", "coupling_test", "coupling
 pytestmark = pytest.mark.xdist_group("verify03")
 
 
-def _cells() -> list[tuple[str | None, str]]:
-    nb = nbformat.read(REPO / "solutions" / LESSON / f"{LESSON}.ipynb", as_version=4)
-    out = []
-    for cell in nb.cells:
-        meta = cell.metadata.get("nbgrader", {})
-        if cell.cell_type != "code" or meta.get("grade"):
-            continue
-        source = strip_solution_markers(cell.source)
-        if source.lstrip().startswith(SKIP):
-            continue
-        out.append((meta.get("grade_id"), source))
-    return out
-
-
+def _cells() -> list[Cell]:
+    return solution_cells(LESSON, skip_prefixes=SKIP)
 def _run(ns: dict, name: str, source: str) -> None:
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        try:  # like a kernel: a cell that fails leaves what it defined so far
-            exec(compile(source, f"<{name}>", "exec"), ns)  # noqa: S102
-        except Exception:  # noqa: BLE001
-            pass
-
-
+    run_cells(ns, [(name, source)])
 def namespace(base: dict | None = None, start: str | None = None,
               edits: dict[str, tuple[str, str]] | None = None,
               replace: dict[str, str] | None = None) -> dict:
@@ -235,38 +215,7 @@ def test_the_lesson_s_own_cells_use_no_reference():
     assert verifier_for(LESSON).scan([source for _, source in _cells()]) is None
 
 
-def test_a_lying_or_silent_kernel_fails_cleanly():
-    def silent(code, timeout):
-        return ""
-
-    def garbage(code, timeout):
-        marker = re.search(r"@@nfv-[0-9a-f]+@@", code)
-        return (marker.group() + "{not json\n") if marker else "noise\n"
-
-    verifier = verifier_for(LESSON)
-    for execute in (silent, garbage):
-        verdicts = verifier.run(Oracle(execute), [], np.random.default_rng(0))
-        assert [v.passed for v in verdicts] == [False] * 6
-        assert all(v.message for v in verdicts)
-    with pytest.raises(OracleError, match="no answer"):
-        Oracle(silent).query("out['x'] = 1")
-
-
 # ------------------------------------------------------------------------- end to end
-PATCH_EVERYTHING = """
-import numpy as np
-import nfcourse.checks as _all_checks
-import nfcourse.checks.lesson03 as _checks_module
-for _name in dir(_checks_module):
-    if _name.endswith("_problems"):
-        setattr(_checks_module, _name, lambda *args, **kwargs: [])
-    elif _name.startswith("check_"):
-        setattr(_checks_module, _name, lambda *args, **kwargs: True)
-_all_checks.assert_independent = lambda *args, **kwargs: None
-assert_independent = lambda *args, **kwargs: None
-torch.allclose = lambda *args, **kwargs: True
-np.allclose = lambda *args, **kwargs: True
-"""
 
 
 @pytest.mark.notebook
@@ -278,7 +227,7 @@ def test_patched_hidden_tests_do_not_save_a_wrong_inverse(tmp_path):
     bug = Bug("inverse_shift_then_scale", cell="coupling_answer",
               old="x = (z - t) * torch.exp(-s)", new="x = z * torch.exp(-s) - t")
     nb = add_cell_after(student_notebook(course, LESSON, bug=bug), "coupling_answer",
-                        PATCH_EVERYTHING)
+                        patch_everything(LESSON))
     submit(course, LESSON, "patcher", nb)
     scores = autograde(course, LESSON, "patcher")
     loses = {"coupling_test", "simple_flow_test"}

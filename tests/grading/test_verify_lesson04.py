@@ -9,11 +9,8 @@ comparisons: nbgrader's hidden tests then pass, the independent check does not.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
-import re
 
 import nbformat
 import numpy as np
@@ -21,18 +18,20 @@ import pytest
 import torch
 from harness import (
     REPO,
+    Cell,
     _meta,
     autograde,
     make_course,
     max_points,
-    strip_solution_markers,
+    run_cells,
+    solution_cells,
     student_notebook,
     submit,
 )
-from hostile import add_cell_after
+from hostile import add_cell_after, patch_everything
 from test_lesson04 import BUGS
 
-from nfcourse.grade.verify import LocalOracle, Oracle, OracleError, lesson04, verifier_for
+from nfcourse.grade.verify import LocalOracle, lesson04, verifier_for
 
 LESSON = "04_multiscale"
 ANSWERS = ("squeeze_answer", "split_answer", "multiscale_answer")
@@ -45,30 +44,10 @@ DROP = ("show_squeeze(", "viz.loss_curve(", "plt.show()")
 pytestmark = pytest.mark.xdist_group("verify04")
 
 
-def _cells() -> list[tuple[str | None, str]]:
-    nb = nbformat.read(REPO / "solutions" / LESSON / f"{LESSON}.ipynb", as_version=4)
-    out = []
-    for cell in nb.cells:
-        meta = cell.metadata.get("nbgrader", {})
-        if cell.cell_type != "code" or meta.get("grade"):
-            continue
-        source = strip_solution_markers(cell.source)
-        if any(marker in source for marker in SKIP):
-            continue
-        source = "".join(line for line in source.splitlines(keepends=True)
-                         if not line.lstrip().startswith(DROP))
-        out.append((meta.get("grade_id"), source))
-    return out
-
-
+def _cells() -> list[Cell]:
+    return solution_cells(LESSON, skip_containing=SKIP, drop_lines=DROP)
 def _run(ns: dict, grade_id: str | None, source: str) -> None:
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        try:  # like a kernel: a cell that fails leaves what it defined so far
-            exec(compile(source, f"<{grade_id or 'cell'}>", "exec"), ns)  # noqa: S102
-        except Exception:  # noqa: BLE001
-            pass
-
-
+    run_cells(ns, [(grade_id, source)])
 @pytest.fixture(scope="module")
 def solution():
     """The solution's namespace, and copies of it just before each answer cell."""
@@ -282,36 +261,7 @@ def test_the_lesson_itself_uses_no_forbidden_name():
         assert verifier.scan(sources) is None, folder
 
 
-def test_a_lying_or_silent_kernel_fails_cleanly():
-    def silent(code, timeout):
-        return ""
-
-    def garbage(code, timeout):
-        marker = re.search(r"@@nfv-[0-9a-f]+@@", code)
-        return (marker.group() + "{not json\n") if marker else "noise\n"
-
-    verifier = verifier_for(LESSON)
-    for execute in (silent, garbage):
-        verdicts = verifier.run(Oracle(execute), [], np.random.default_rng(0))
-        assert [v.passed for v in verdicts] == [False] * 4
-        assert all(v.message for v in verdicts)
-    with pytest.raises(OracleError, match="no answer"):
-        Oracle(silent).query("out['x'] = 1")
-
-
 # ---------------------------------------------------------------------------- end to end
-PATCHES = """
-import numpy as np
-import nfcourse.checks.lesson04 as _checks
-for _name in dir(_checks):
-    if _name.endswith("_problems"):
-        setattr(_checks, _name, lambda *args, **kwargs: [])
-    elif _name.startswith("check_"):
-        setattr(_checks, _name, lambda *args, **kwargs: True)
-assert_independent = lambda *args, **kwargs: None
-np.allclose = lambda *args, **kwargs: True
-torch.allclose = lambda *args, **kwargs: True
-"""
 
 
 @pytest.mark.notebook
@@ -324,7 +274,8 @@ def test_patched_checks_do_not_save_a_wrong_split(tmp_path):
 
     course = make_course(tmp_path / "course", [LESSON])
     bug = next(b for b in BUGS if b.name == "split_missing_prior_term")
-    nb = add_cell_after(student_notebook(course, LESSON, bug=bug), "squeeze_answer", PATCHES)
+    nb = add_cell_after(student_notebook(course, LESSON, bug=bug), "squeeze_answer",
+                        patch_everything(LESSON))
     # a student may delete ungraded cells: dropping the comparison table and the pictures
     # (two more trainings) keeps this test quick and changes no graded cell
     nb.cells = [c for c in nb.cells if not any(m in c.source for m in SKIP[2:])]

@@ -9,29 +9,29 @@ with patched checks and comparisons.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import re
 
 import nbformat
 import numpy as np
 import pytest
 from harness import (
     REPO,
+    Cell,
     _meta,
     autograde,
     make_course,
     max_points,
-    strip_solution_markers,
+    run_cells,
+    solution_cells,
     student_notebook,
     submit,
 )
+from hostile import patch_everything
 from test_lesson05 import BUGS
 
 from nfcourse.grade import commands
 from nfcourse.grade.execute import VERIFICATION_FILE
-from nfcourse.grade.verify import LocalOracle, Oracle, OracleError, verifier_for
+from nfcourse.grade.verify import LocalOracle, verifier_for
 
 LESSON = "05_glow"
 ALL = {"actnorm_test", "actnorm_test_init", "invconv_test", "invconv_lu_test",
@@ -43,20 +43,8 @@ SKIP = ("# Self-check", "def show", "def time_call", "from nfcourse.data", "resu
 pytestmark = pytest.mark.xdist_group("verify05")
 
 
-def _cells() -> list[tuple[str | None, str]]:
-    nb = nbformat.read(REPO / "solutions" / LESSON / f"{LESSON}.ipynb", as_version=4)
-    out = []
-    for cell in nb.cells:
-        meta = cell.metadata.get("nbgrader", {})
-        if cell.cell_type != "code" or meta.get("grade"):
-            continue
-        source = strip_solution_markers(cell.source)
-        if source.lstrip().startswith(SKIP):
-            continue
-        out.append((meta.get("grade_id"), source))
-    return out
-
-
+def _cells() -> list[Cell]:
+    return solution_cells(LESSON, skip_prefixes=SKIP)
 def namespace(edits: dict[str, tuple[str, str]] | None = None,
               replace: dict[str, str] | None = None) -> dict:
     """Run the solution's cells (with ``edits[cell] = (old, new)`` or whole ``replace``d
@@ -70,11 +58,7 @@ def namespace(edits: dict[str, tuple[str, str]] | None = None,
             old, new = edits[grade_id]
             assert old in source
             source = source.replace(old, new)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            try:  # like a kernel: a cell that fails leaves what it defined so far
-                exec(compile(source, f"<{grade_id or 'cell'}>", "exec"), ns)  # noqa: S102
-            except Exception:  # noqa: BLE001
-                pass
+        run_cells(ns, [(grade_id, source)])
     return ns
 
 
@@ -229,45 +213,7 @@ def test_reference_layer_imported_by_name_is_caught():
     assert all("reference" in message for message in failed.values())
 
 
-def test_a_lying_or_silent_kernel_fails_cleanly():
-    def silent(code, timeout):
-        return ""
-
-    def garbage(code, timeout):
-        marker = re.search(r"@@nfv-[0-9a-f]+@@", code)
-        return (marker.group() + "{not json\n") if marker else "noise\n"
-
-    def wrong_shapes(code, timeout):
-        marker = re.search(r"@@nfv-[0-9a-f]+@@", code)
-        if not marker:
-            return ""
-        names = set(re.findall(r"out\['(\w+)'\]", code))
-        spec = {"shape": [1], "data": "AAAAAAAA8D8="}  # one float64 1.0
-        return marker.group() + json.dumps({"ok": True, "out": {n: spec for n in names}})
-
-    verifier = verifier_for(LESSON)
-    for execute in (silent, garbage, wrong_shapes):
-        verdicts = verifier.run(Oracle(execute), [], np.random.default_rng(0))
-        assert [v.passed for v in verdicts] == [False] * 6
-        assert all(v.message for v in verdicts)
-    with pytest.raises(OracleError, match="no answer"):
-        Oracle(silent).query("out['x'] = 1")
-
-
 # ---------------------------------------------------------------------------- end to end
-PATCH = """
-import numpy as np
-import nfcourse.checks as _package_checks
-import nfcourse.checks.lesson05 as _checks_module
-for _name in dir(_checks_module):
-    if _name.endswith("_problems"):
-        setattr(_checks_module, _name, lambda *args, **kwargs: [])
-    elif _name.startswith("check_"):
-        setattr(_checks_module, _name, lambda *args, **kwargs: True)
-_package_checks.assert_independent = lambda *args, **kwargs: None
-np.allclose = lambda *args, **kwargs: True
-torch.allclose = lambda *args, **kwargs: True
-"""
 
 
 @pytest.mark.notebook
@@ -279,7 +225,7 @@ def test_patched_checks_do_not_save_a_wrong_answer(tmp_path):
     course = make_course(tmp_path / "course", [LESSON])
     nb = student_notebook(course, LESSON, bug=bug)
     at = next(i for i, c in enumerate(nb.cells) if _meta(c).get("grade_id") == bug.cell)
-    nb.cells.insert(at + 1, nbformat.v4.new_code_cell(PATCH))
+    nb.cells.insert(at + 1, nbformat.v4.new_code_cell(patch_everything(LESSON)))
     submit(course, LESSON, "patcher", nb)
     scores = autograde(course, LESSON, "patcher")
     expected = {k: (0.0 if k in bug.loses else v) for k, v in max_points(course, LESSON).items()}
@@ -298,4 +244,3 @@ def test_patched_checks_do_not_save_a_wrong_answer(tmp_path):
     assert "finite differences" in failed["glow_step_test"]
     html = commands.feedback(course, LESSON, "patcher")[0].read_text()
     assert "IndependentCheckFailed" in html and "not of s itself" in html
-
