@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["Oracle", "LocalOracle", "OracleError", "Verdict", "Verifier", "verifier_for",
-           "review_notes", "KERNEL_PREAMBLE"]
+           "review_notes", "KERNEL_PREAMBLE", "draw_seed", "check_array"]
 
 
 class OracleError(RuntimeError):
@@ -241,6 +241,18 @@ class Oracle:
         if not isinstance(out, dict):
             raise OracleError("the kernel's answer is not a dict of arrays")
         return {str(k): _decode(v) for k, v in out.items()}
+
+
+def draw_seed(rng: np.random.Generator) -> int:
+    """A seed for the kernel's torch generator, drawn from the check's own ``rng``."""
+    return int(rng.integers(0, 2**31 - 1))
+
+
+def check_array(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
+    """Fail, naming ``name``, unless ``array`` has exactly ``shape`` and only finite values."""
+    shape = tuple(shape)
+    assert array.shape == shape, f"{name} has shape {tuple(array.shape)}, expected {shape}"
+    assert np.all(np.isfinite(array)), f"{name} contains NaN or Inf"
 
 
 Check = Callable[[Oracle, np.random.Generator], str]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nfcourse.grade.verify.base import Oracle, Verifier
+from nfcourse.grade.verify.base import Oracle, Verifier, check_array, draw_seed
 from nfcourse.grade.verify.maths import fd_points, gaussian_log_prob, logabsdet_fd
 
 __all__ = ["VERIFIER"]
@@ -32,15 +32,6 @@ __all__ = ["VERIFIER"]
 H = 1e-5  # finite-difference step (float64)
 LOGDET_TOL = 1e-5
 EXACT = 1e-9
-
-
-def _seed(rng: np.random.Generator) -> int:
-    return int(rng.integers(0, 2**31 - 1))
-
-
-def _shape(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
-    assert array.shape == shape, f"{name} has shape {tuple(array.shape)}, expected {shape}"
-    assert np.all(np.isfinite(array)), f"{name} contains NaN or Inf"
 
 
 def check_warmup(oracle: Oracle, rng: np.random.Generator) -> str:
@@ -52,7 +43,7 @@ def check_warmup(oracle: Oracle, rng: np.random.Generator) -> str:
     det = float(out["det"].reshape(-1)[0])
     assert abs(det - 1 / 6) < EXACT, f"jacobian_det is {det:.6g}, but |det dz/dx| = 1/6"
     pz = out["pz"].reshape(-1)
-    _shape("p_z(z1, z2)", pz, (64,))
+    check_array("p_z(z1, z2)", pz, (64,))
     expected = (3 * z[0]) * (2 * z[1]) / 9 * 6
     worst = float(np.max(np.abs(pz - expected)))
     assert worst < 1e-9, (f"p_z is off by up to {worst:.3g} from p_x(1 + 3 z1, 2 z2) * 6 at "
@@ -80,11 +71,11 @@ def check_coupling_forward(oracle: Oracle, rng: np.random.Generator) -> str:
         shift = np.zeros(2)
         shift[free] = 0.7
         probes = np.concatenate([fd_points(x, H), x + shift, x - shift])
-        out = oracle.query(_coupling_query(mask, f"forward{i}"), x=probes, seed=[_seed(rng)])
+        out = oracle.query(_coupling_query(mask, f"forward{i}"), x=probes, seed=[draw_seed(rng)])
         n = probes.shape[0]
         z, ld = out["z"], out["ld"]
-        _shape("forward's z", z, (n, 2))
-        _shape("forward's log_det", ld, (n,))
+        check_array("forward's z", z, (n, 2))
+        check_array("forward's log_det", ld, (n,))
         where = f"mask {mask}"
         assert np.max(np.abs(z[:, kept] - probes[:, kept])) < EXACT, (
             f"with {where} the coordinate where mask == 1 must pass through unchanged")
@@ -114,8 +105,8 @@ def check_coupling_inverse(oracle: Oracle, rng: np.random.Generator) -> str:
     for i, mask in enumerate(([0.0, 1.0], [1.0, 0.0])):
         key = f"inverse{i}"
         x = rng.normal(size=(b, 2))
-        out = oracle.query(_coupling_query(mask, key), x=x, seed=[_seed(rng)])
-        _shape("forward's z", out["z"], (b, 2))
+        out = oracle.query(_coupling_query(mask, key), x=x, seed=[draw_seed(rng)])
+        check_array("forward's z", out["z"], (b, 2))
         free = int(np.argmin(mask))
         assert np.max(np.abs(out["z"][:, free] - x[:, free])) > 1e-3, (
             f"mask {mask}: with random network weights the layer is the identity, so its "
@@ -124,8 +115,8 @@ def check_coupling_inverse(oracle: Oracle, rng: np.random.Generator) -> str:
             x, ld = _nfv_store[{key!r}].inverse(_nfv_torch.as_tensor(inp['z']))
             out['x'], out['ld'] = x, ld
         """, z=fd_points(out["z"], H))
-        _shape("inverse's x", back["x"], (5 * b, 2))
-        _shape("inverse's log_det", back["ld"], (5 * b,))
+        check_array("inverse's x", back["x"], (5 * b, 2))
+        check_array("inverse's log_det", back["ld"], (5 * b,))
         worst = float(np.max(np.abs(back["x"][:b] - x)))
         assert worst < 1e-9, (
             f"mask {mask}: inverse(forward(x)) is off from x by up to {worst:.3g}")
@@ -158,8 +149,8 @@ def check_realnvp(oracle: Oracle, rng: np.random.Generator) -> str:
             back, ld_inv = flow.inverse(z)
             out['z'], out['ld'], out['back'], out['ld_inv'] = z, ld, back, ld_inv
         """, x=x)
-        _shape("RealNVP's z", out["z"], (b, 2))
-        _shape("RealNVP's log_det", out["ld"], (b,))
+        check_array("RealNVP's z", out["z"], (b, 2))
+        check_array("RealNVP's log_det", out["ld"], (b,))
         matches = []
         for first in (0, 1):
             z, ld = x, np.zeros(b)
@@ -191,14 +182,14 @@ def check_density(oracle: Oracle, rng: np.random.Generator) -> str:
         single = FlowDensity(_NfvAffineFlow(inp['a'], inp['b']).float())
         _nfv_torch.manual_seed(int(inp['seed'][0]))
         out['s'] = single.sample(int(inp['n'][0]))
-    """, a=a, b=shift, x=x, seed=[_seed(rng)], n=[n])
-    _shape("log_prob(x)", out["lp"], (b,))
+    """, a=a, b=shift, x=x, seed=[draw_seed(rng)], n=[n])
+    check_array("log_prob(x)", out["lp"], (b,))
     expected = gaussian_log_prob(x @ a.T + shift) + np.linalg.slogdet(a)[1]
     worst = float(np.max(np.abs(out["lp"] - expected)))
     assert worst < 1e-8, (
         f"log_prob differs from log N(f(x); 0, I) + log|det J_f| by up to {worst:.3g} for a "
         "known affine flow")
-    _shape("sample(n)", out["s"], (n, 2))
+    check_array("sample(n)", out["s"], (n, 2))
     zs = out["s"] @ a.T + shift
     mean, cov = zs.mean(axis=0), np.cov(zs.T)
     assert np.max(np.abs(mean)) < 0.1 and np.max(np.abs(cov - np.eye(2))) < 0.15, (
@@ -216,7 +207,7 @@ def check_trained(oracle: Oracle, rng: np.random.Generator) -> str:
     from nfcourse.checks.lesson01 import NLL_THRESHOLD, held_out_moons
 
     n_test, cells, width = 1000, 100, 8.0
-    x_test = held_out_moons(n_test, seed=_seed(rng)).double().numpy()
+    x_test = held_out_moons(n_test, seed=draw_seed(rng)).double().numpy()
     step = width / cells
     corner = np.stack(np.meshgrid(np.arange(cells), np.arange(cells), indexing="ij"), -1)
     grid = -width / 2 + (corner.reshape(-1, 2) + rng.uniform(size=(cells * cells, 2))) * step
@@ -229,7 +220,7 @@ def check_trained(oracle: Oracle, rng: np.random.Generator) -> str:
         z = m.flow(x)[0]
         out['z'] = z
     """, x=fd_points(points[order], H), timeout=180)
-    _shape("model.flow(x)", out["z"], (5 * b, 2))
+    check_array("model.flow(x)", out["z"], (5 * b, 2))
     log_density = np.empty(b)
     log_density[order] = (gaussian_log_prob(out["z"][:b]) + logabsdet_fd(out["z"], b, 2, H))
     own = log_density[:n_test]

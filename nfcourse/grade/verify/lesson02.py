@@ -39,7 +39,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from nfcourse.grade.verify.base import Oracle, Verifier
+from nfcourse.grade.verify.base import Oracle, Verifier, check_array, draw_seed
 from nfcourse.grade.verify.maths import fd_jacobian, fd_points, logabsdet_fd
 
 __all__ = ["VERIFIER"]
@@ -51,15 +51,6 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 # ------------------------------------------------------------------------ grader-side maths
-def _seed(rng: np.random.Generator) -> int:
-    return int(rng.integers(0, 2**31 - 1))
-
-
-def _shape(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
-    assert array.shape == shape, f"{name} has shape {tuple(array.shape)}, expected {shape}"
-    assert np.all(np.isfinite(array)), f"{name} contains NaN or Inf"
-
-
 def _close(got: np.ndarray, want: np.ndarray) -> float:
     """Largest error of ``got`` relative to ``1 + |want|`` (inf when shapes differ)."""
     if got.shape != want.shape:
@@ -186,8 +177,8 @@ def check_dequantization(oracle: Oracle, rng: np.random.Generator) -> str:
                     raised.append(-1.0)
             out['raised'] = raised
         """, x=x, u=u, xr=xr, zext=z_ext, bad=bad)
-        _shape(f"{where}: forward's z", out["z"], x.shape)
-        _shape(f"{where}: forward's log_det", out["ld"], (3,))
+        check_array(f"{where}: forward's z", out["z"], x.shape)
+        check_array(f"{where}: forward's log_det", out["ld"], (3,))
         want, _ = _dequantize(x, u, levels, alpha)
         worst = _close(out["z"], want)
         assert worst < 1e-8, (
@@ -196,7 +187,7 @@ def check_dequantization(oracle: Oracle, rng: np.random.Generator) -> str:
             "pixels, divide by levels, squeeze with alpha, then take the logit)")
         assert _close(out["z1"].reshape(x[:1].shape), out["z"][:1]) < 1e-12, (
             f"{where}: an image's z depends on the other images of the batch")
-        _shape(f"{where}: inverse's x", out["back"], x.shape)
+        check_array(f"{where}: inverse's x", out["back"], x.shape)
         wrong = int(np.sum(out["back"] != x))
         assert wrong == 0, (
             f"{where}: inverse(forward(x, noise=u)) gives {wrong} of {x.size} pixels wrong "
@@ -209,7 +200,7 @@ def check_dequantization(oracle: Oracle, rng: np.random.Generator) -> str:
             f"{ext.reshape(-1).tolist()}, not integers in [0, {levels - 1}] (clamp after "
             "the floor)")
         for key in ("zr", "zr2"):
-            _shape(f"{where}: z without noise=", out[key], xr.shape)
+            check_array(f"{where}: z without noise=", out[key], xr.shape)
         drawn = _recover_noise(out["zr"], xr, levels, alpha).reshape(-1)
         lo, hi = float(drawn.min()), float(drawn.max())
         ks = float(np.max(np.abs(np.sort(drawn) - (np.arange(drawn.size) + 0.5) / drawn.size)))
@@ -262,9 +253,9 @@ def check_dequantization_log_det(oracle: Oracle, rng: np.random.Generator) -> st
             out['zr'], out['ldr'] = layer(t(inp['xr']))
         """, xf=probes_x, uf=probes_u, xe=xe, ue=ue, zq=zq, xr=xr)
         n = probes_u.shape[0]
-        _shape(f"{where}: forward's z", out["zf"], (n, *shape))
-        _shape(f"{where}: forward's log_det", out["ldf"], (n,))
-        _shape(f"{where}: forward's log_det", out["lde"], (3,))
+        check_array(f"{where}: forward's z", out["zf"], (n, *shape))
+        check_array(f"{where}: forward's log_det", out["ldf"], (n,))
+        check_array(f"{where}: forward's log_det", out["lde"], (3,))
         _, want = _dequantize(xe, ue, levels, alpha)
         diff = out["lde"] - want
         worst = _close(out["lde"], want)
@@ -284,7 +275,7 @@ def check_dequantization_log_det(oracle: Oracle, rng: np.random.Generator) -> st
         assert np.max(np.abs(off)) < 1e-8 * np.max(np.abs(jac)), (
             f"{where}: a pixel's z depends on the noise of other pixels (the Jacobian "
             "dz/du must be diagonal)")
-        _shape(f"{where}: inverse's log_det", out["ldi"], (3,))
+        check_array(f"{where}: inverse's log_det", out["ldi"], (3,))
         want_inv = _inverse_log_det(zq, levels, alpha)
         worst = _close(out["ldi"], want_inv)
         assert worst < 1e-8, (
@@ -295,8 +286,8 @@ def check_dequantization_log_det(oracle: Oracle, rng: np.random.Generator) -> st
         worst = _close(out["ldi_same"], -out["lde"])
         assert worst < 1e-8, (
             f"{where}: at the same z the inverse's log_det is not minus the forward one")
-        _shape(f"{where}: z without noise=", out["zr"], xr.shape)
-        _shape(f"{where}: log_det without noise=", out["ldr"], (8,))
+        check_array(f"{where}: z without noise=", out["zr"], xr.shape)
+        check_array(f"{where}: log_det without noise=", out["ldr"], (8,))
         log_p = _per_image(_log_sigmoid(out["zr"]) + _log_sigmoid(-out["zr"])) + out["ldr"]
         dims = xr[0].size
         bpd = -log_p / (dims * LN2)
@@ -340,7 +331,7 @@ def check_bits_per_dim(oracle: Oracle, rng: np.random.Generator) -> str:
     """, w=weights, **inputs)
     for i, shape in enumerate(BPD_SHAPES):
         got, want = out[f"b{i}"], expected[i]
-        _shape(f"bits_per_dim for images of shape {shape}", got, want.shape)
+        check_array(f"bits_per_dim for images of shape {shape}", got, want.shape)
         d = math.prod(shape)
         assert abs(got[0] - 8) < 1e-9, (
             f"images of shape {shape} (D = {d}) with log_prob = -D ln 256 (a uniform model of "
@@ -502,8 +493,8 @@ def check_vardeq(oracle: Oracle, rng: np.random.Generator) -> str:
             g = flow.theta.grad
             out['g'] = g if g is not None else _nfv_torch.full((4,), float('nan'))
         """), theta=theta, x=x, eps=eps, xf=probes_x, ef=probes_e, xd=xd, wz=wz, wl=wl)
-        _shape(f"{where}: z", out["z"], x.shape)
-        _shape(f"{where}: log_det", out["ld"], (3,))
+        check_array(f"{where}: z", out["z"], x.shape)
+        check_array(f"{where}: log_det", out["ld"], (3,))
         seen_eps, seen_ctx = out["seen_eps"], out["seen_ctx"]
         assert seen_eps.shape == x.shape and np.max(np.abs(seen_eps - eps)) < 1e-12, (
             f"{where}: the noise flow was not called with eps = noise (the standard normal "
@@ -527,8 +518,8 @@ def check_vardeq(oracle: Oracle, rng: np.random.Generator) -> str:
             assert wrong == 0, (
                 f"{where}: inverse(forward(x)) gives {wrong} of {x.size} pixels wrong")
         n = probes_e.shape[0]
-        _shape(f"{where}: z", out["zf"], (n, *shape))
-        _shape(f"{where}: log_det", out["ldf"], (n,))
+        check_array(f"{where}: z", out["zf"], (n, *shape))
+        check_array(f"{where}: log_det", out["ldf"], (n,))
         fd = logabsdet_fd(out["zf"].reshape(n, d), b, d, H) - _log_normal(ef)
         worst = float(np.max(np.abs(out["ldf"][:b] - fd)))
         assert worst < LOGDET_TOL, (
@@ -618,7 +609,7 @@ def check_vardeq_train(oracle: Oracle, rng: np.random.Generator) -> str:
         out['theta'] = flow.theta
         xe = _nfv_torch.full((2000, *{shape!r}), {float(pixel)!r}, dtype=_nfv_torch.float64)
         out['z'], out['ld'] = layer(xe, noise=t(inp['eps']))
-    """), theta=theta0, mu=[mu], sd=[sd], seed=[_seed(rng)], eps=eps_eval, timeout=120)
+    """), theta=theta0, mu=[mu], sd=[sd], seed=[draw_seed(rng)], eps=eps_eval, timeout=120)
     where = (f"trained against a density peaked at pixel {pixel} (width {width:.3f} levels; "
              f"uniform noise {uniform_bpd:.3f} bits/dim, true {true_bpd:.4f})")
     loss = float(out["loss"].reshape(-1)[0])
@@ -634,8 +625,8 @@ def check_vardeq_train(oracle: Oracle, rng: np.random.Generator) -> str:
         f"(computed by the grader from the trained noise flow), not at least 0.5 below uniform "
         "noise; u must come from the noise flow with gradients and log_det must subtract "
         "log q(u|x)")
-    _shape(f"{where}: z", out["z"], eps_eval.shape)
-    _shape(f"{where}: log_det", out["ld"], (eps_eval.shape[0],))
+    check_array(f"{where}: z", out["z"], eps_eval.shape)
+    check_array(f"{where}: log_det", out["ld"], (eps_eval.shape[0],))
     claimed_bpd = float(-(log_density(out["z"]) + out["ld"]).mean() / (d * LN2))
     assert claimed_bpd > true_bpd - 0.02, (
         f"{where}: your layer's log-weights say {claimed_bpd:.3f} bits/dim, below the true "

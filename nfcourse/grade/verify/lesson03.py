@@ -37,7 +37,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from nfcourse.grade.verify.base import Oracle, Verifier
+from nfcourse.grade.verify.base import Oracle, Verifier, check_array, draw_seed
 from nfcourse.grade.verify.maths import fd_jacobian, fd_points, gaussian_log_prob, logabsdet_fd
 
 __all__ = ["VERIFIER", "dequantize", "checkerboard", "channel"]
@@ -48,15 +48,6 @@ EXACT = 1e-9
 # nfcourse.flows.Dequantization's defaults, which the lesson's flows use
 ALPHA, LEVELS = 1e-5, 256
 CROP = 10  # side of the crop on which the trained model's log-dets are measured
-
-
-def _seed(rng: np.random.Generator) -> int:
-    return int(rng.integers(0, 2**31 - 1))
-
-
-def _shape(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
-    assert array.shape == shape, f"{name} has shape {tuple(array.shape)}, expected {shape}"
-    assert np.all(np.isfinite(array)), f"{name} contains NaN or Inf"
 
 
 def checkerboard(h: int, w: int, invert: bool = False) -> np.ndarray:
@@ -163,14 +154,14 @@ def _coupling_case(oracle: Oracle, rng: np.random.Generator, c: int, mask: np.nd
         out['z'], out['ld'] = z, ld
         z1, ld1 = layer(x[:1])
         out['z1'], out['ld1'] = z1, ld1
-    """, x=probes, mask=mask, seed=[_seed(rng)])
+    """, x=probes, mask=mask, seed=[draw_seed(rng)])
     n = probes.shape[0]
     z, ld = out["z"], out["ld"]
-    _shape("forward's z", z, (n, c, h, w))
+    check_array("forward's z", z, (n, c, h, w))
     assert ld.shape == (n,), (
         f"forward's log_det has {ld.size} value(s) for a batch of {n} images; it must hold one "
         f"log-det per image, shape ({n},)")
-    _shape("forward's log_det", ld, (n,))
+    check_array("forward's log_det", ld, (n,))
     z = z.reshape(n, d)
     where = f"with {label} on {c}x{h}x{w} images"
     worst = float(np.max(np.abs(z[:, kept] - probes[:, kept])))
@@ -210,8 +201,8 @@ def _coupling_case(oracle: Oracle, rng: np.random.Generator, c: int, mask: np.nd
         x, ld = _nfv_store[{key!r}].inverse(z)
         out['x'], out['ld'] = x, ld
     """, z=fd_points(zb, H))
-    _shape("inverse's x", back["x"], (nb, c, h, w))
-    _shape("inverse's log_det", back["ld"], (nb,))
+    check_array("inverse's x", back["x"], (nb, c, h, w))
+    check_array("inverse's log_det", back["ld"], (nb,))
     xs = back["x"].reshape(nb, d)
     worst = float(np.max(np.abs(xs[:b] - x)))
     assert worst < 1e-9, f"{where}, inverse(forward(x)) is off from x by up to {worst:.3g}"
@@ -240,11 +231,11 @@ def _bound_case(oracle: Oracle, rng: np.random.Generator) -> float:
         x = _nfv_torch.as_tensor(inp['x'])
         out['z'] = layer(x)[0]
         out['zs'] = layer(x + _nfv_torch.as_tensor(inp['step']))[0]
-    """, x=x, mask=mask, seed=[_seed(rng)], bound=[bound], step=step)
+    """, x=x, mask=mask, seed=[draw_seed(rng)], bound=[bound], step=step)
     assert out["param"][0] == 1.0, (
         "log_scale must be an nn.Parameter: the bound of the log-scale is learned")
-    _shape("forward's z", out["z"], (b, 1, h, w))
-    _shape("forward's z", out["zs"], (b, 1, h, w))
+    check_array("forward's z", out["z"], (b, 1, h, w))
+    check_array("forward's z", out["zs"], (b, 1, h, w))
     free = np.broadcast_to(mask == 0, x.shape)
     ratio = (out["zs"] - out["z"])[free] / 0.5
     assert np.all(ratio > 0), "the scale e^s of a transformed entry is not positive"
@@ -360,7 +351,7 @@ def check_simple_flow(oracle: Oracle, rng: np.random.Generator) -> str:
         f"{call}): the first layer is not the lesson's uniform dequantization and logit")
     assert out["vardeq"][0] == 1.0, (
         f"{call}, vardeq=True): the flow must start with a VariationalDequantization layer")
-    _shape("the fresh flow's output", out["z_fresh"], y.shape)
+    check_array("the fresh flow's output", out["z_fresh"], y.shape)
     assert (np.max(np.abs(out["z_fresh"] - y)) < 1e-9
             and np.max(np.abs(out["ld_fresh"])) < 1e-9), (
         f"{call}): a freshly built flow must be the identity after dequantization (the "
@@ -369,7 +360,7 @@ def check_simple_flow(oracle: Oracle, rng: np.random.Generator) -> str:
     # every coupling with random weights: which pixels it keeps, the log-det, the inverse
     probes = fd_points(y.reshape(b, d), H)
     nb = probes.shape[0]
-    seed = _seed(rng)
+    seed = draw_seed(rng)
     out = oracle.query(f"""
         m = _nfv_store['simple']
         {_layers_code('m')}
@@ -396,7 +387,7 @@ def check_simple_flow(oracle: Oracle, rng: np.random.Generator) -> str:
         out['pixels'] = m.flow.inverse(h[:{b}])[0]
     """, y=probes, seed=[seed])
     steps = out["steps"]
-    _shape("the couplings' outputs", steps, (n_couplings, nb, 1, h, w))
+    check_array("the couplings' outputs", steps, (n_couplings, nb, 1, h, w))
     steps = steps.reshape(n_couplings, nb, d)
     boards = (checkerboard(h, w).reshape(d) == 1, checkerboard(h, w, True).reshape(d) == 1)
     previous = None
@@ -411,7 +402,7 @@ def check_simple_flow(oracle: Oracle, rng: np.random.Generator) -> str:
             f"couplings {k - 1} and {k} of {call}) keep the same pixels: alternate the "
             "checkerboard and its inverse, so that every pixel gets transformed")
         previous, inputs = kept, steps[k]
-    _shape("the flow's log_det for one image", out["ld"], (b,))
+    check_array("the flow's log_det for one image", out["ld"], (b,))
     worst = float(np.max(np.abs(out["ld"] - logabsdet_fd(steps[-1], b, d, H))))
     assert worst < LOGDET_TOL, (
         f"with random weights, the log-det of the couplings of {call}) differs from log|det| "
@@ -490,12 +481,12 @@ def check_trained(oracle: Oracle, rng: np.random.Generator) -> str:
     assert count >= 8, (
         f"the trained model has {count} ImageAffineCoupling layers after its dequantization; "
         "the lesson's flow has 8")
-    _shape("the trained couplings' z", out["z"], (b, c, hh, ww))
-    _shape("the trained couplings' log_det (one image per call)", out["ld"], (b,))
+    check_array("the trained couplings' z", out["z"], (b, c, hh, ww))
+    check_array("the trained couplings' log_det (one image per call)", out["ld"], (b,))
     log_p = gaussian_log_prob(out["z"].reshape(b, d)) + out["ld"] + ld_deq
     bpd = float(np.mean(-log_p / (d * math.log(2))))
-    _shape("the couplings' output on the crop", out["zc"], ((2 * dc + 1), c, CROP, CROP))
-    _shape("the couplings' log_det on the crop", out["ldc"], (1,))
+    check_array("the couplings' output on the crop", out["zc"], ((2 * dc + 1), c, CROP, CROP))
+    check_array("the couplings' log_det on the crop", out["ldc"], (1,))
     measured = float(logabsdet_fd(out["zc"].reshape(-1, dc), 1, dc, H)[0])
     excess = (float(out["ldc"][0]) - measured) / (dc * math.log(2))
     charged = bpd + max(0.0, excess)

@@ -35,7 +35,7 @@ import textwrap
 
 import numpy as np
 
-from nfcourse.grade.verify.base import Oracle, Verifier
+from nfcourse.grade.verify.base import Oracle, Verifier, check_array, draw_seed
 from nfcourse.grade.verify.maths import fd_points, logabsdet_fd
 
 __all__ = ["VERIFIER"]
@@ -51,15 +51,6 @@ ALPHA = 1e-5  # Dequantization()'s squash before the logit (the lesson builds it
 LEVELS = 256
 LOG_2PI = math.log(2 * math.pi)
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
-
-
-def _seed(rng: np.random.Generator) -> int:
-    return int(rng.integers(0, 2**31 - 1))
-
-
-def _shape(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
-    assert array.shape == shape, f"{name} has shape {tuple(array.shape)}, expected {shape}"
-    assert np.all(np.isfinite(array)), f"{name} contains NaN or Inf"
 
 
 def _log_normal(a: np.ndarray) -> np.ndarray:
@@ -118,7 +109,7 @@ def check_squeeze(oracle: Oracle, rng: np.random.Generator) -> str:
             out['x'], out['ld_inv'] = x, ld_inv
         """, x=x, z=want)
         where = f"for a batch of shape {shape}"
-        _shape(f"Squeeze()(x) {where}", out["z"], want.shape)
+        check_array(f"Squeeze()(x) {where}", out["z"], want.shape)
         for k in range(4 * c):
             if not np.array_equal(out["z"][:, k], want[:, k]):
                 cc, (i, j) = k // 4, divmod(k % 4, 2)
@@ -126,14 +117,14 @@ def check_squeeze(oracle: Oracle, rng: np.random.Generator) -> str:
                     f"{where}, output channel {k} should hold the {CORNERS[2 * i + j]} pixel of "
                     f"every 2x2 block of input channel {cc} (out[b, 4c + 2i + j, h, w] = "
                     f"x[b, c, 2h + i, 2w + j]); it holds {_holds(out['z'][:, k], x)}")
-        _shape(f"Squeeze's log_det {where}", out["ld"], (b,))
+        check_array(f"Squeeze's log_det {where}", out["ld"], (b,))
         assert np.all(out["ld"] == 0), (
             "Squeeze only moves numbers: its log_det must be exactly 0 for every sample")
-        _shape(f"Squeeze.inverse(z) {where}", out["x"], shape)
+        check_array(f"Squeeze.inverse(z) {where}", out["x"], shape)
         assert np.array_equal(out["x"], x), (
             f"{where}, Squeeze.inverse does not exactly undo the lesson's ordering: it must "
             "put out[b, 4c + 2i + j, h, w] back at x[b, c, 2h + i, 2w + j]")
-        _shape(f"Squeeze.inverse's log_det {where}", out["ld_inv"], (b,))
+        check_array(f"Squeeze.inverse's log_det {where}", out["ld_inv"], (b,))
         assert np.all(out["ld_inv"] == 0), "Squeeze.inverse's log_det must be exactly 0"
     return (f"shapes {shapes[0]} and {shapes[1]}: the lesson's exact channel order, log-dets "
             "exactly 0, the inverse exact")
@@ -182,14 +173,14 @@ def check_split(oracle: Oracle, rng: np.random.Generator) -> str:
             layer = Split()
             layer.temperature = temp
             out[key], out['ld_' + key[2:]] = layer.inverse(t(inp['base']))
-    """, x=x, kept=kept, z2=z2, z2_attr=z2_attr, base=base, seed=[_seed(rng)],
+    """, x=x, kept=kept, z2=z2, z2_attr=z2_attr, base=base, seed=[draw_seed(rng)],
         temperature=[temperature])
     shape = (b, 2 * c, h, w)
-    _shape(f"Split()(x)'s first output for x of shape {shape}", out["z1"], kept.shape)
+    check_array(f"Split()(x)'s first output for x of shape {shape}", out["z1"], kept.shape)
     assert np.array_equal(out["z1"], kept), (
         f"Split.forward must keep the first half of the channels (x[:, :{c}] for {2 * c} "
         "channels) exactly as they are")
-    _shape("Split.forward's log_det", out["ld"], (b,))
+    check_array("Split.forward's log_det", out["ld"], (b,))
     want = _log_normal(dropped)
     hint = " (it is zero: the factored-out half must be scored by the prior)" if np.all(
         out["ld"] == 0) else ""
@@ -198,11 +189,11 @@ def check_split(oracle: Oracle, rng: np.random.Generator) -> str:
         f"summed per sample; it is off by up to {_off(out['ld'], want)} nats{hint}")
     for key, ld_key, half, how in (("back", "ld_back", z2, "inverse(z1, z2=z2)"),
                                    ("attr", "ld_attr", z2_attr, "inverse(z1) with self.z2 set")):
-        _shape(f"Split.{how}", out[key], shape)
+        check_array(f"Split.{how}", out[key], shape)
         assert np.array_equal(out[key], np.concatenate([kept, half], axis=1)), (
             f"Split.{how} must return the given z1 followed by the second half "
             "(torch.cat([z1, z2], dim=1))")
-        _shape(f"Split.{how}'s log_det", out[ld_key], (b,))
+        check_array(f"Split.{how}'s log_det", out[ld_key], (b,))
         want = -_log_normal(half)
         assert _close(out[ld_key], want) < 1e-9, (
             f"Split.{how}'s log_det must be -log N(z2; 0, I) (minus the forward one); it is "
@@ -213,7 +204,7 @@ def check_split(oracle: Oracle, rng: np.random.Generator) -> str:
                             ("s_temp", temperature, f"temperature = {temperature:.3f}"),
                             ("s_zero", 0.0, "temperature = 0")):
         sample = out[key]
-        _shape(f"Split.inverse(z1) without z2, {what},", sample, (n, 2 * c, h, w))
+        check_array(f"Split.inverse(z1) without z2, {what},", sample, (n, 2 * c, h, w))
         assert np.array_equal(sample[:, :c], base), (
             f"Split.inverse(z1) without z2 ({what}) must return z1 unchanged as the first half")
         problem = _sample_problem(sample[:, c:], temp)
@@ -221,7 +212,7 @@ def check_split(oracle: Oracle, rng: np.random.Generator) -> str:
             f"Split.inverse(z1) without z2 must draw the second half as temperature * N(0, I); "
             f"with {what} {problem}")
         ld = out["ld_" + key[2:]]
-        _shape(f"Split.inverse's log_det when it samples ({what})", ld, (n,))
+        check_array(f"Split.inverse's log_det when it samples ({what})", ld, (n,))
         want = -_log_normal(sample[:, c:])
         assert _close(ld, want) < 1e-9, (
             f"Split.inverse's log_det must be -log N(z2) of the half it drew ({what}); it is off "
@@ -404,7 +395,7 @@ def _pixels(rng: np.random.Generator, b: int, shape) -> tuple[np.ndarray, np.nda
 
 def _check_trace(out: dict, x: np.ndarray, u: np.ndarray, shape, counts, what: str) -> None:
     b = len(x)
-    _shape(f"{what}: the dequantization's output", out["h0"], x.shape)
+    check_array(f"{what}: the dequantization's output", out["h0"], x.shape)
     y, ld0 = _dequantized(x, u)
     assert max(_close(out["h0"], y), _close(out["ld0"], ld0)) < 1e-9, (
         f"{what}: the first layer must be Dequantization() (uniform noise, then the logit): "
@@ -423,7 +414,7 @@ def _check_trace(out: dict, x: np.ndarray, u: np.ndarray, shape, counts, what: s
     assert _close(out["ld_back"], -out["total"]) < 1e-6, (
         f"{what}: the inverse's log_det is not minus the forward one (off by "
         f"{_off(out['ld_back'], -out['total'])} nats)")
-    _shape(f"{what}: model.log_prob(x)", out["lp"], (b,))
+    check_array(f"{what}: model.log_prob(x)", out["lp"], (b,))
     want = _log_normal(out["zf"]) + out["ldf"]
     assert _close(out["lp"], want) < 1e-8, (
         f"{what}: model.log_prob(x) is not log N(z; 0, I) + log_det of the flow: the prior "
@@ -435,7 +426,7 @@ def check_multiscale(oracle: Oracle, rng: np.random.Generator) -> str:
     shape, counts, b = (1, 8, 8), (2, 2, 2), 3
     what = _BUILD.format(shape=shape, hidden=(8, 8, 8), counts=counts, layers=1, extra="")
     x, u = _pixels(rng, b, shape)
-    out = oracle.query(_trace_query(shape, counts), x=x, u=u, seed=[_seed(rng)])
+    out = oracle.query(_trace_query(shape, counts), x=x, u=u, seed=[draw_seed(rng)])
     _check_trace(out, x, u, shape, counts, what)
 
     # log-det of the flow after the dequantization, against finite differences of the
@@ -456,8 +447,8 @@ def check_multiscale(oracle: Oracle, rng: np.random.Generator) -> str:
         out['drop'] = _nfv_torch.cat(drops, dim=1)
     """), v=fd_points(v, H))
     n = fd_b * (2 * d + 1)
-    _shape("the flow's z on the finite-difference points", fd["z"], (n, d // 2))
-    _shape("the split-off half on the finite-difference points", fd["drop"], (n, d // 2))
+    check_array("the flow's z on the finite-difference points", fd["z"], (n, d // 2))
+    check_array("the split-off half on the finite-difference points", fd["drop"], (n, d // 2))
     jac = logabsdet_fd(np.concatenate([fd["z"], fd["drop"]], axis=1), fd_b, d, H)
     expected = jac + _log_normal(fd["drop"][:fd_b])
     claimed = fd["ld"][:fd_b]
@@ -473,7 +464,7 @@ def check_multiscale(oracle: Oracle, rng: np.random.Generator) -> str:
     shape2, counts2 = (1, 4, 8), (1, 3, 3)
     what2 = _BUILD.format(shape=shape2, hidden=(8, 8, 8), counts=counts2, layers=1, extra="")
     x2, u2 = _pixels(rng, b, shape2)
-    out2 = oracle.query(_trace_query(shape2, counts2), x=x2, u=u2, seed=[_seed(rng)])
+    out2 = oracle.query(_trace_query(shape2, counts2), x=x2, u=u2, seed=[draw_seed(rng)])
     _check_trace(out2, x2, u2, shape2, counts2, what2)
 
     eps = rng.normal(size=(1, d))
@@ -494,10 +485,10 @@ def check_multiscale(oracle: Oracle, rng: np.random.Generator) -> str:
         x = _nfv_torch.as_tensor(inp['x']).expand(eps.shape[0], *{shape})
         y, ld = layers_of(vd)[0](x, noise=eps)
         out['y'], out['ld'] = y.flatten(1), ld
-    """), eps=fd_points(eps, H), x=pixels, seed=[_seed(rng)])
+    """), eps=fd_points(eps, H), x=pixels, seed=[draw_seed(rng)])
     table = expected_layers(shape, counts)
     for key in ("a", "e", "f"):
-        _shape("the layers' parameter counts", sizes[key], (len(table) + 1,))
+        check_array("the layers' parameter counts", sizes[key], (len(table) + 1,))
     for i, t in enumerate(table, start=1):
         if t["kind"] != "coupling":
             continue
@@ -512,8 +503,8 @@ def check_multiscale(oracle: Oracle, rng: np.random.Generator) -> str:
             "1, 2 and 3 must get fewer, as many and more parameters")
     what_vd = _BUILD.format(shape=shape, hidden=(8, 8, 8), counts=counts, layers=1,
                             extra=", vardeq=True")
-    _shape(f"{what_vd}: the first layer's output", sizes["y"], (2 * d + 1, d))
-    _shape(f"{what_vd}: the first layer's log_det", sizes["ld"], (2 * d + 1,))
+    check_array(f"{what_vd}: the first layer's output", sizes["y"], (2 * d + 1, d))
+    check_array(f"{what_vd}: the first layer's log_det", sizes["ld"], (2 * d + 1,))
     squashed = 1 / (1 + np.exp(-sizes["y"][0]))  # undo the logit, then the squash
     noise = (squashed - ALPHA) / (1 - 2 * ALPHA) * LEVELS - pixels.reshape(-1)
     assert np.all((noise > -1e-6) & (noise < 1 + 1e-6)), (
@@ -582,7 +573,7 @@ def trained_bpd(oracle: Oracle, rng: np.random.Generator, images: np.ndarray,
     variational = bool(out["variational"].reshape(-1)[0])
     z, ld = out["z"], out["ld"]
     assert z.ndim == 2 and len(z) == len(x), "model's flow did not return one latent per image"
-    _shape("the trained model's log-det", ld, (len(x),))
+    check_array("the trained model's log-det", ld, (len(x),))
     assert np.all(np.isfinite(z)), "the trained flow gives NaN or Inf latents on test images"
     log_p = _log_normal(z) + ld
     own = np.delete(log_p, where)

@@ -44,7 +44,7 @@ import math
 
 import numpy as np
 
-from nfcourse.grade.verify.base import Oracle, Verifier
+from nfcourse.grade.verify.base import Oracle, Verifier, check_array, draw_seed
 from nfcourse.grade.verify.maths import fd_points, logabsdet_fd
 
 __all__ = ["VERIFIER"]
@@ -58,16 +58,6 @@ MIXING_NAMES = {v: k for k, v in MIXINGS.items()}
 
 
 # ------------------------------------------------------------------------------- helpers
-def _seed(rng: np.random.Generator) -> int:
-    return int(rng.integers(0, 2**31 - 1))
-
-
-def _shape(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
-    assert array.shape == tuple(shape), (
-        f"{name} has shape {tuple(array.shape)}, expected {tuple(shape)}")
-    assert np.all(np.isfinite(array)), f"{name} contains NaN or Inf"
-
-
 def _err(got: np.ndarray, want: np.ndarray) -> float:
     """Largest difference, relative to the size of what was expected."""
     return float(np.max(np.abs(got - want)) / (1 + np.max(np.abs(want))))
@@ -160,14 +150,14 @@ def check_actnorm(oracle: Oracle, rng: np.random.Generator) -> str:
         out['z'], out['ld'] = z, ld
         z1, ld1 = layer(_nfv_torch.as_tensor(inp['x'][:1]))
         out['z1'], out['ld1'] = z1, ld1
-    """, x_init=x_init, x=probes, seed=[_seed(rng)])
+    """, x_init=x_init, x=probes, seed=[draw_seed(rng)])
     _no_reference(out, "ActNorm")
     assert float(out["n_params"].reshape(-1)[0]) > 0, (
         "ActNorm has no learnable parameters: its shift and scale must be nn.Parameters")
-    _shape("ActNorm's output on its first batch", out["z0"], x_init.shape)
+    check_array("ActNorm's output on its first batch", out["z0"], x_init.shape)
     z, ld = out["z"], out["ld"]
-    _shape("ActNorm's z", z, probes.shape)
-    _shape("ActNorm's log_det", ld, (n,))
+    check_array("ActNorm's z", z, probes.shape)
+    check_array("ActNorm's log_det", ld, (n,))
     a, shift, residual = _fit_channels(probes, z)
     assert residual < EXACT, (
         "with random parameters ActNorm is not one affine map per channel: pixels (or "
@@ -197,8 +187,8 @@ def check_actnorm(oracle: Oracle, rng: np.random.Generator) -> str:
         x, ld = layer.inverse(_nfv_torch.as_tensor(inp['z']))
         out['x'], out['ld'] = x, ld
     """, other=other, z=z[:b])
-    _shape("ActNorm's z on 4x2 images", back["z2"], other.shape)
-    _shape("ActNorm's log_det on 4x2 images", back["ld2"], (b,))
+    check_array("ActNorm's z on 4x2 images", back["z2"], other.shape)
+    check_array("ActNorm's log_det on 4x2 images", back["ld2"], (b,))
     assert _err(back["z2"], _channel_map(other, a, shift)) < EXACT, (
         "on 4x2 images ActNorm applies a different map than on 2x3 images: one scale and one "
         "shift per channel, shared by every pixel")
@@ -206,8 +196,8 @@ def check_actnorm(oracle: Oracle, rng: np.random.Generator) -> str:
     assert np.max(np.abs(back["ld2"] - expected)) < EXACT * (1 + abs(expected)), (
         f"on 4x2 images log_det is {back['ld2'][0]:.6g}, expected H * W * sum log|a_c| = "
         f"{expected:.6g}")
-    _shape("ActNorm.inverse's x", back["x"], (b, c, 2, 3))
-    _shape("ActNorm.inverse's log_det", back["ld"], (b,))
+    check_array("ActNorm.inverse's x", back["x"], (b, c, 2, 3))
+    check_array("ActNorm.inverse's log_det", back["ld"], (b,))
     worst = _err(back["x"], x)
     assert worst < EXACT, f"ActNorm.inverse(forward(x)) is off from x by up to {worst:.3g}"
     assert np.max(np.abs(back["ld"] + ld[:b])) < EXACT * (1 + np.max(np.abs(ld))), (
@@ -230,8 +220,8 @@ def check_actnorm_init(oracle: Oracle, rng: np.random.Generator) -> str:
     """, first=first, later=later)
     _no_reference(out, "ActNorm")
     z1, z2 = out["z1"], out["z2"]
-    _shape("ActNorm's output on its first batch", z1, first.shape)
-    _shape("ActNorm's output on a later batch", z2, later.shape)
+    check_array("ActNorm's output on its first batch", z1, first.shape)
+    check_array("ActNorm's output on a later batch", z2, later.shape)
     a, shift, residual = _fit_channels(first, z1)
     assert residual < EXACT, (
         "after the first batch ActNorm is not one affine map per channel: pixels of the same "
@@ -256,7 +246,7 @@ def check_actnorm_init(oracle: Oracle, rng: np.random.Generator) -> str:
         z, _ = layer(_nfv_torch.as_tensor(inp['small']))
         out['z'] = z
     """, small=small)
-    _shape("ActNorm's output on 2x3 images", out["z"], small.shape)
+    check_array("ActNorm's output on 2x3 images", out["z"], small.shape)
     assert _err(out["z"], _channel_map(small, a, shift)) < EXACT, (
         "after initialising on 4x4 images ActNorm maps 2x3 images differently: one scale and "
         "one shift per channel, shared by every pixel")
@@ -273,7 +263,7 @@ def check_actnorm_init(oracle: Oracle, rng: np.random.Generator) -> str:
         z, _ = fresh(_nfv_torch.as_tensor(inp['third']))
         out['z'] = z
     """, third=third)
-    _shape("a loaded ActNorm's output", out["z"], third.shape)
+    check_array("a loaded ActNorm's output", out["z"], third.shape)
     assert _err(out["z"], _channel_map(third, a, shift)) < EXACT, (
         "the initialisation does not survive save and load: a new ActNorm that loads the "
         "state_dict of an initialised one initialises itself again on its first batch. Keep "
@@ -314,7 +304,7 @@ def _check_linear_flow(what: str, w: np.ndarray, logdet_w: float, x: np.ndarray,
 
 def _check_linear_flow_wide(what: str, w: np.ndarray, logdet_w: float, x: np.ndarray,
                             z: np.ndarray, ld: np.ndarray) -> None:
-    _shape(f"{what}'s log_det on {x.shape[2]}x{x.shape[3]} images", ld, (x.shape[0],))
+    check_array(f"{what}'s log_det on {x.shape[2]}x{x.shape[3]} images", ld, (x.shape[0],))
     assert _err(z, _pixelwise(w, x)) < EXACT, (
         f"{what}: on {x.shape[2]}x{x.shape[3]} images z is not W x at every pixel")
     hw = x.shape[2] * x.shape[3]
@@ -351,17 +341,17 @@ def check_invconv(oracle: Oracle, rng: np.random.Generator) -> str:
     _no_reference(out, "InvConv1x1")
     assert float(out["param"].reshape(-1)[0]) == 1, (
         "InvConv1x1 must keep its matrix as a learnable nn.Parameter `self.weight`")
-    _shape("InvConv1x1.weight", out["w0"], (c, c))
+    check_array("InvConv1x1.weight", out["w0"], (c, c))
     _orthogonal(out["w0"], "InvConv1x1")
     assert _err(out["w"], a) < EXACT, "InvConv1x1.weight does not hold the matrix copied into it"
-    _shape("InvConv1x1's z", out["z"], x.shape)
-    _shape("InvConv1x1's log_det", out["ld"], (x.shape[0],))
-    _shape("InvConv1x1.inverse's x", out["back"], (2, c, 2, 2))
-    _shape("InvConv1x1.inverse's log_det", out["ld_back"], (2,))
+    check_array("InvConv1x1's z", out["z"], x.shape)
+    check_array("InvConv1x1's log_det", out["ld"], (x.shape[0],))
+    check_array("InvConv1x1.inverse's x", out["back"], (2, c, 2, 2))
+    check_array("InvConv1x1.inverse's log_det", out["ld_back"], (2,))
     logdet = float(np.linalg.slogdet(a)[1])
     _check_linear_flow("InvConv1x1 with a general weight", a, logdet, x, out["z"], out["ld"],
                        {"x": out["back"], "ld": out["ld_back"]}, 1)
-    _shape("InvConv1x1's z on 3x5 images", out["zw"], wide.shape)
+    check_array("InvConv1x1's z on 3x5 images", out["zw"], wide.shape)
     _check_linear_flow_wide("InvConv1x1", a, logdet, wide, out["zw"], out["ldw"])
     return ("starts orthogonal; with a general W: z = W x per pixel, log_det = H W log|det W| "
             "(NumPy slogdet and finite differences), inverse inverts")
@@ -385,16 +375,16 @@ def check_invconv_lu(oracle: Oracle, rng: np.random.Generator) -> str:
         out['zw'], out['ldw'] = zw, ldw
         back, ld_back = layer.inverse(z[-2:])
         out['back'], out['ld_back'] = back, ld_back
-    """, x=x, wide=wide, seed=[_seed(rng)])
+    """, x=x, wide=wide, seed=[draw_seed(rng)])
     _no_reference(out, "InvConv1x1LU")
     assert float(out["param"].reshape(-1)[0]) == 1, (
         "InvConv1x1LU must keep log|s| as a learnable nn.Parameter `self.log_s`")
-    _shape("InvConv1x1LU.weight", out["w0"], (c, c))
-    _shape("InvConv1x1LU.log_s", out["log_s0"], (c,))
+    check_array("InvConv1x1LU.weight", out["w0"], (c, c))
+    check_array("InvConv1x1LU.log_s", out["log_s0"], (c,))
     _orthogonal(out["w0"], "InvConv1x1LU")
     w, log_s = out["w"], out["log_s"]
-    _shape("InvConv1x1LU.weight", w, (c, c))
-    _shape("InvConv1x1LU.log_s", log_s, (c,))
+    check_array("InvConv1x1LU.weight", w, (c, c))
+    check_array("InvConv1x1LU.log_s", log_s, (c,))
     assert np.max(np.abs(w - out["w0"])) > 1e-3, (
         "InvConv1x1LU.weight did not change when every parameter was set to random values: "
         "assemble W = P L (U + diag(sign_s * exp(log_s))) from the parameters")
@@ -404,10 +394,10 @@ def check_invconv_lu(oracle: Oracle, rng: np.random.Generator) -> str:
         f"{logdet:.6g} (NumPy) but sum(log_s) is {log_s.sum():.6g}: the diagonal of "
         "U + diag(s) must be sign_s * exp(log_s), L must have ones on its diagonal and both "
         "must stay triangular (mask them)")
-    _shape("InvConv1x1LU's z", out["z"], x.shape)
-    _shape("InvConv1x1LU's log_det", out["ld"], (x.shape[0],))
-    _shape("InvConv1x1LU.inverse's x", out["back"], (2, c, 2, 2))
-    _shape("InvConv1x1LU.inverse's log_det", out["ld_back"], (2,))
+    check_array("InvConv1x1LU's z", out["z"], x.shape)
+    check_array("InvConv1x1LU's log_det", out["ld"], (x.shape[0],))
+    check_array("InvConv1x1LU.inverse's x", out["back"], (2, c, 2, 2))
+    check_array("InvConv1x1LU.inverse's log_det", out["ld_back"], (2,))
     ld = out["ld"]
     expected = 4 * log_s.sum()
     assert np.max(np.abs(ld - expected)) < EXACT * (1 + abs(expected)), (
@@ -416,7 +406,7 @@ def check_invconv_lu(oracle: Oracle, rng: np.random.Generator) -> str:
         "the logarithms log|s|, not of s itself)")
     _check_linear_flow("InvConv1x1LU with random parameters", w, float(log_s.sum()), x,
                        out["z"], ld, {"x": out["back"], "ld": out["ld_back"]}, 1)
-    _shape("InvConv1x1LU's z on 4x3 images", out["zw"], wide.shape)
+    check_array("InvConv1x1LU's z on 4x3 images", out["zw"], wide.shape)
     _check_linear_flow_wide("InvConv1x1LU", w, float(log_s.sum()), wide, out["zw"], out["ldw"])
     return ("starts orthogonal; with random parameters: log|det W| = sum(log_s) (NumPy "
             "slogdet), z = W x per pixel, log_det = H W sum(log_s) (and finite differences), "
@@ -501,9 +491,9 @@ def _real_step(oracle: Oracle, rng: np.random.Generator, mixing: str) -> None:
         out['z1'] = z1
         back, ld_back = step.inverse(z[:{b}])
         out['back'], out['ld_back'] = back, ld_back
-    """, first=first, x=probes, seed=[_seed(rng)])
+    """, first=first, x=probes, seed=[draw_seed(rng)])
     _no_reference(out, what)
-    _shape(f"{what}'s output on its first batch", out["z0"], first.shape)
+    check_array(f"{what}'s output on its first batch", out["z0"], first.shape)
     mean = out["z0"].mean(axis=(0, 2, 3))
     assert np.max(np.abs(mean)) < 1e-6 * (1 + np.max(np.abs(out["z0"]))), (
         f"{what}: on its first batch a fresh step is ActNorm (which centres every channel), "
@@ -511,8 +501,8 @@ def _real_step(oracle: Oracle, rng: np.random.Generator, mixing: str) -> None:
         f"output has mean 0; the grader measures {np.round(mean, 4).tolist()}. Is ActNorm "
         "first, and does the coupling's network start at zero?")
     z, ld = out["z"], out["ld"]
-    _shape(f"{what}'s z", z, probes.shape)
-    _shape(f"{what}'s log_det", ld, (probes.shape[0],))
+    check_array(f"{what}'s z", z, probes.shape)
+    check_array(f"{what}'s log_det", ld, (probes.shape[0],))
     n_fd = (2 * c * 4 + 1) * b
     base, up, down = z[:b], z[n_fd:n_fd + b], z[n_fd + b:]
     bend = [float(np.max(np.abs(up[:, h] + down[:, h] - 2 * base[:, h])))
@@ -523,7 +513,7 @@ def _real_step(oracle: Oracle, rng: np.random.Generator, mixing: str) -> None:
         "unchanged; only the other half is scaled and shifted)")
     assert _err(out["z1"].reshape(1, -1), base[:1].reshape(1, -1)) < EXACT, (
         f"{what}: the output for one image depends on the other images of the batch")
-    _shape(f"{what}.inverse's x", out["back"], x.shape)
+    check_array(f"{what}.inverse's x", out["back"], x.shape)
     worst = _err(out["back"], x)
     assert worst < 1e-8, (
         f"{what} with random parameters: inverse(forward(x)) is off from x by up to "
@@ -570,7 +560,7 @@ def _known_step(oracle: Oracle, rng: np.random.Generator, mixing: str) -> None:
         step = _nfv_prep(step, inp['seed'][0], 0.3)
         z, ld = step(_nfv_torch.as_tensor(inp['x']))
         out['z'], out['ld'] = z, ld
-    """, x=probes, seed=[_seed(rng)])
+    """, x=probes, seed=[draw_seed(rng)])
     counts = out["counts"].reshape(-1)
     assert counts[0] == 1, (
         f"{what} must build exactly one ActNorm with ActNorm(num_channels) (the grader put a "
@@ -585,8 +575,8 @@ def _known_step(oracle: Oracle, rng: np.random.Generator, mixing: str) -> None:
         + f" (the grader counted {int(counts[1])} InvConv1x1LU and {int(counts[2])} "
         "InvConv1x1 built)")
     z, ld = out["z"], out["ld"]
-    _shape(f"{what}'s z", z, probes.shape)
-    _shape(f"{what}'s log_det", ld, (probes.shape[0],))
+    check_array(f"{what}'s z", z, probes.shape)
+    check_array(f"{what}'s log_det", ld, (probes.shape[0],))
     v = _channel_map(x, a, shift)
     base = z[:b]
     if mat is None:  # a random shuffle: one half must be channels of ActNorm's output
@@ -839,8 +829,8 @@ def _glow_structure(oracle: Oracle, rng: np.random.Generator, case: tuple) -> No
         f"latent; got shape {prior}")
     data_shape = tuple(int(s) for s in out["data_shape"].reshape(-1))
     assert data_shape == shape, f"{what}: data_shape must be {shape}, got {data_shape}"
-    _shape(f"{what}: the flow's z", out["z"], want["z"].shape)
-    _shape(f"{what}: the flow's log_det", out["ld"], (b,))
+    check_array(f"{what}: the flow's z", out["z"], want["z"].shape)
+    check_array(f"{what}: the flow's log_det", out["ld"], (b,))
     assert _err(out["z"], want["z"]) < EXACT, (
         f"{what}: with GlowStep replaced by a step whose maths the grader knows, the flow's z "
         "is not dequantization, then per scale squeeze and the steps, with a split between "
@@ -851,7 +841,7 @@ def _glow_structure(oracle: Oracle, rng: np.random.Generator, case: tuple) -> No
     lp = want["ld"] + _log_normal(want["z"])
     assert out["lp"].shape == (b,) and not np.all(np.isnan(out["lp"])), (
         f"{what}: model.log_prob(x) raised an error or returned the wrong shape")
-    _shape(f"{what}: log_prob", out["lp"], (b,))
+    check_array(f"{what}: log_prob", out["lp"], (b,))
     assert _err(out["lp"], lp) < EXACT, (
         f"{what}: log_prob is not log N(z; 0, I) + log_det over the prior's shape")
 
@@ -887,10 +877,10 @@ def _glow_round_trip(oracle: Oracle, rng: np.random.Generator) -> None:
         _nfv_torch.manual_seed(int(inp['seed'][0]))
         out['samples'] = model.sample(3)
     """, first=first, u0=rng.uniform(size=first.shape), x=x, u=rng.uniform(size=x.shape),
-        seed=[_seed(rng)])
+        seed=[draw_seed(rng)])
     _no_reference(out, what)
-    _shape(f"{what}: log_det", out["ld"], (3,))
-    _shape(f"{what}: the inverse's output", out["back"], x.shape)
+    check_array(f"{what}: log_det", out["ld"], (3,))
+    check_array(f"{what}: the inverse's output", out["back"], x.shape)
     wrong = float(np.mean(out["back"] != x))
     assert wrong == 0, (
         f"{what} with your steps and random parameters: running the flow backwards from f(x) "
@@ -899,7 +889,7 @@ def _glow_round_trip(oracle: Oracle, rng: np.random.Generator) -> None:
     assert np.max(np.abs(out["ld_back"] + out["ld"])) < 1e-7 * (1 + np.max(np.abs(out["ld"]))), (
         f"{what}: the inverse's log_det is not minus the forward one")
     s = out["samples"]
-    _shape(f"{what}: model.sample(3)", s, (3, 1, 8, 8))
+    check_array(f"{what}: model.sample(3)", s, (3, 1, 8, 8))
     assert np.all(s == np.round(s)) and s.min() >= 0 and s.max() <= 255, (
         f"{what}: model.sample(3) must give images of integers in [0, 255]")
 

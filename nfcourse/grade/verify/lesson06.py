@@ -41,7 +41,7 @@ import textwrap
 
 import numpy as np
 
-from nfcourse.grade.verify.base import Oracle, OracleError, Verifier
+from nfcourse.grade.verify.base import Oracle, OracleError, Verifier, check_array, draw_seed
 from nfcourse.grade.verify.maths import fd_points, gaussian_log_prob, logabsdet_fd
 
 __all__ = ["VERIFIER", "expm", "rk4_augmented", "one_sided_points", "one_sided_logabsdet"]
@@ -105,15 +105,6 @@ def _ask(oracle: Oracle, where: str, code: str, timeout: float | None = None,
         return oracle.query(code, timeout=timeout, **inputs)
     except OracleError as error:
         raise OracleError(f"{where}: {error}") from None
-
-
-def _seed(rng: np.random.Generator) -> int:
-    return int(rng.integers(0, 2**31 - 1))
-
-
-def _shape(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
-    assert array.shape == shape, f"{name} has shape {tuple(array.shape)}, expected {shape}"
-    assert np.all(np.isfinite(array)), f"{name} contains NaN or Inf"
 
 
 def _worst(a: np.ndarray, b: np.ndarray) -> float:
@@ -213,9 +204,9 @@ def check_odefunc(oracle: Oracle, rng: np.random.Generator) -> str:
                 loss = f(0.5, z).pow(2).sum()
                 grads = _nfv_torch.autograd.grad(loss, params, allow_unused=True)
                 out['grad_ok'] = [float(g is not None and bool((g != 0).any())) for g in grads]
-        """, dim=[dim], seed=[_seed(rng)], z=z, moved=moved)
+        """, dim=[dim], seed=[draw_seed(rng)], z=z, moved=moved)
         y = out["y"]
-        _shape(f"ODEFunc(dim={dim})(t, z) for z of shape ({b}, {dim})", y, (b, dim))
+        check_array(f"ODEFunc(dim={dim})(t, z) for z of shape ({b}, {dim})", y, (b, dim))
         assert out["f64"].reshape(-1)[0] == 1.0, (
             "after .double(), f(t, z) for float64 z is not float64: build the time column "
             "from z's dtype")
@@ -226,7 +217,7 @@ def check_odefunc(oracle: Oracle, rng: np.random.Generator) -> str:
             f"with random weights, f(0, z), f(0.5, z) and f(1, z) are equal (dim={dim}): the "
             "network must get the time as an input to every layer")
         moved_out = out["moved"]
-        _shape("f(t, z)", moved_out, (b, dim))
+        check_array("f(t, z)", moved_out, (b, dim))
         assert float(np.max(np.abs(moved_out[0] - y[0]))) > 1e-6, (
             "with random weights, f(t, z) does not change when z does")
         assert float(np.max(np.abs(moved_out[1:] - y[1:]))) < EXACT, (
@@ -280,8 +271,8 @@ def _divergence_case(oracle: Oracle, rng: np.random.Generator, dim: int, noise: 
     else:
         expected = np.trace(jac, axis1=1, axis2=2)
     where = f"on f(t, z) = z A^T + t z B^T + c tanh(z) in {dim}-D"
-    _shape(f"{name}'s dz", out["dz"], (b, dim))
-    _shape(f"{name}'s {what.split(' =')[0]}", out["div"], (b,))
+    check_array(f"{name}'s dz", out["dz"], (b, dim))
+    check_array(f"{name}'s {what.split(' =')[0]}", out["div"], (b,))
     assert _worst(out["dz"], f) < EXACT, f"{name} {where}: dz is not f(t, z)"
     got = out["div"]
     if _worst(got, expected) >= EXACT:
@@ -300,7 +291,7 @@ def _divergence_case(oracle: Oracle, rng: np.random.Generator, dim: int, noise: 
     else:
         grads = {"ga": b * np.eye(dim), "gb": t * b * np.eye(dim), "gc": sech2.sum(axis=0)}
     for key, param in (("ga", "A"), ("gb", "B"), ("gc", "c")):
-        _shape(f"the gradient for {param}", out[key], grads[key].shape)
+        check_array(f"the gradient for {param}", out[key], grads[key].shape)
         assert _worst(out[key], grads[key]) < 1e-8, (
             f"{name} {where}: the gradient of the result with respect to {param} is wrong "
             "(keep the graph: create_graph=True, no .detach())")
@@ -330,8 +321,8 @@ def check_hutchinson(oracle: Oracle, rng: np.random.Generator) -> str:
             out['eps'] = eps
             out['est'] = hutchinson_divergence(field, z, float(inp['t'][0]), eps)[1]
         """), z0=z0, n=[draws], t=[t], **p)
-        _shape("sample_noise(z)", out["eps"], (draws, dim))
-        _shape(f"{name} with sample_noise", out["est"], (draws,))
+        check_array("sample_noise(z)", out["eps"], (draws, dim))
+        check_array(f"{name} with sample_noise", out["est"], (draws,))
         eps, est = out["eps"], out["est"]
         _, jac = _known_field(z0, t, **p)
         jac = jac[0]
@@ -359,10 +350,10 @@ def check_noise(oracle: Oracle, rng: np.random.Generator) -> str:
         small = sample_noise(_nfv_torch.zeros(5, 4, dtype=_nfv_torch.float32))
         out['small'] = small
         out['f32'] = [float(small.dtype == _nfv_torch.float32)]
-    """, seed=[_seed(rng)], n=[n])
-    _shape("sample_noise(z) for z of shape (40000, 3)", out["eps"], (n, dim))
-    _shape("sample_noise(z) for z of shape (200, 3)", out["again"], (200, dim))
-    _shape("sample_noise(z) for z of shape (5, 4)", out["small"], (5, 4))
+    """, seed=[draw_seed(rng)], n=[n])
+    check_array("sample_noise(z) for z of shape (40000, 3)", out["eps"], (n, dim))
+    check_array("sample_noise(z) for z of shape (200, 3)", out["again"], (200, dim))
+    check_array("sample_noise(z) for z of shape (5, 4)", out["small"], (5, 4))
     assert out["f64"].reshape(-1)[0] == 1.0 and out["f32"].reshape(-1)[0] == 1.0, (
         "sample_noise(z) must return noise in z's dtype (float64 for float64 z, float32 for "
         "float32 z)")
@@ -405,8 +396,8 @@ def check_cnf(oracle: Oracle, rng: np.random.Generator) -> str:
             return _linear_flow(a, power, x0, t0, t1)
 
         z_ex, ld_ex = exact(x, 0.0, big_t)
-        _shape("forward's z", out["z"], (b, 2))
-        _shape("forward's log_det", out["ld"], (b,))
+        check_array("forward's z", out["z"], (b, 2))
+        check_array("forward's log_det", out["ld"], (b,))
         assert _worst(out["z"], z_ex) < SOLVE_TOL, (
             f"forward(x) on the linear field {label} (T = {big_t:.3f}): z(T) is not "
             f"expm(A ...) x (off by {float(np.max(np.abs(out['z'] - z_ex))):.3g})")
@@ -414,18 +405,18 @@ def check_cnf(oracle: Oracle, rng: np.random.Generator) -> str:
             f"forward(x) on the linear field {label}: log_det is {out['ld'][0]:.6f}, the exact "
             f"log|det| is {ld_ex[0]:.6f}" + (" (minus it)" if _worst(-out["ld"], ld_ex)
                                              < SOLVE_TOL else ""))
-        _shape("inverse's x", out["back"], (b, 2))
-        _shape("inverse's log_det", out["ld_back"], (b,))
+        check_array("inverse's x", out["back"], (b, 2))
+        check_array("inverse's log_det", out["ld_back"], (b,))
         assert _worst(out["back"], x) < SOLVE_TOL and _worst(out["ld_back"], -ld_ex) < SOLVE_TOL, (
             f"inverse(forward(x)) on {label}: x or the log_det does not come back")
         mid_ex, ld_mid_ex = exact(z_ex, big_t, mid)
-        _shape("transform's output", out["mid"], (b, 2))
-        _shape("transform's log_det", out["ld_mid"], (b,))
+        check_array("transform's output", out["mid"], (b, 2))
+        check_array("transform's log_det", out["ld_mid"], (b,))
         assert _worst(out["mid"], mid_ex) < SOLVE_TOL and \
             _worst(out["ld_mid"], ld_mid_ex) < SOLVE_TOL, (
                 f"transform(z, T, t) on {label} with t = {mid:.3f}: the state or log_det at "
                 "the intermediate time is not the exact one")
-        _shape("log_prob(x)", out["lp"], (b,))
+        check_array("log_prob(x)", out["lp"], (b,))
         lp_ex = gaussian_log_prob(z_ex) + ld_ex
         if _worst(out["lp"], lp_ex) >= SOLVE_TOL:
             x_back, ld_back = exact(x, big_t, 0.0)
@@ -448,7 +439,7 @@ def check_cnf(oracle: Oracle, rng: np.random.Generator) -> str:
     m = a * big_t / steps
     step = np.eye(2) + m + m @ m / 2 + m @ m @ m / 6 + m @ m @ m @ m / 24
     z_ex = x @ np.linalg.matrix_power(step, steps).T
-    _shape("forward's z", out["z"], (b, 2))
+    check_array("forward's z", out["z"], (b, 2))
     assert _worst(out["z"], z_ex) < 1e-9 and _worst(out["ld"], np.full(b, big_t * np.trace(a))) \
         < 1e-9, (f"CNF(..., method='rk4', steps={steps}) does not take {steps} RK4 steps over "
                  "[0, T]: pass options=dict(step_size=T / steps) to odeint")
@@ -462,7 +453,7 @@ def check_cnf(oracle: Oracle, rng: np.random.Generator) -> str:
         out['lp'] = cnf.log_prob(_nfv_torch.as_tensor(inp['x']))
     """), T=[big_t], x=x, tol=[TIGHT], **p)
     z_ex, ld_ex = rk4_augmented(lambda t, z: _mlp_field(p, t, z), x, 0.0, big_t)
-    _shape("log_prob(x)", out["lp"], (6,))
+    check_array("log_prob(x)", out["lp"], (6,))
     lp_ex = gaussian_log_prob(z_ex) + ld_ex
     assert _worst(out["lp"], lp_ex) < 1e-6, (
         "log_prob(x) on a nonlinear time-dependent field is off from the grader's own solve "
@@ -484,8 +475,8 @@ def check_cnf_jacobian(oracle: Oracle, rng: np.random.Generator) -> str:
             out['z'], out['ld'] = cnf(_nfv_torch.as_tensor(inp['x']))
         """), x=probes, tol=[TIGHT], **p)
         n = len(probes)
-        _shape("forward's z", out["z"], (n, dim))
-        _shape("forward's log_det", out["ld"], (n,))
+        check_array("forward's z", out["z"], (n, dim))
+        check_array("forward's log_det", out["ld"], (n,))
         z_ex, _ = rk4_augmented(lambda t, z, p=p: _mlp_field(p, t, z), x, 0.0, 1.0)
         assert _worst(out["z"][:b], z_ex) < 1e-6, (
             f"forward(x) on a nonlinear {dim}-D field: z(T) is off from the grader's own solve "
@@ -509,8 +500,8 @@ def check_cnf_jacobian(oracle: Oracle, rng: np.random.Generator) -> str:
         x = _nfv_torch.as_tensor(inp['x0']).expand(int(inp['n'][0]), -1).clone()
         out['z'], out['ld'] = cnf(x)
     """), x0=x0, n=[draws], **p)
-    _shape('forward\'s log_det with divergence="hutchinson"', out["ld"], (draws,))
-    _shape('forward\'s z with divergence="hutchinson"', out["z"], (draws, 2))
+    check_array('forward\'s log_det with divergence="hutchinson"', out["ld"], (draws,))
+    check_array('forward\'s z with divergence="hutchinson"', out["z"], (draws, 2))
     _, exact = rk4_augmented(lambda t, z: _mlp_field(p, t, z), x0, 0.0, 0.5)
     ld = out["ld"]
     mean, std = float(ld.mean()), float(ld.std())
@@ -617,11 +608,11 @@ def _check_trained(oracle: Oracle, rng: np.random.Generator, name: str, fresh: n
     out = _ask(oracle, f"{name}.log_prob and its CNF's solves",
                _DIRECTION_QUERY.format(model=name), x=audit,
                probes=fd_points(audit, H_TRAINED), timeout=300)
-    _shape(f"{name}.log_prob(x)", out["lp"], (k,))
+    check_array(f"{name}.log_prob(x)", out["lp"], (k,))
     mismatch = {}
     for key, direction in (("f", "forward"), ("i", "inverse")):
         z = out["z" + key]
-        _shape(f"{name}'s {direction} solve", z, (5 * k, 2))
+        check_array(f"{name}'s {direction} solve", z, (5 * k, 2))
         mismatch[direction] = float(np.max(np.abs(
             out["lp"] - gaussian_log_prob(z[:k]) - logabsdet_fd(z, k, 2, H_TRAINED))))
     direction = min(mismatch, key=mismatch.get)
@@ -639,7 +630,7 @@ def _check_trained(oracle: Oracle, rng: np.random.Generator, name: str, fresh: n
     out = _ask(oracle, f"{name}'s CNF solve", _DENSITY_QUERY.format(model=name),
                probes=one_sided_points(points[order], H_DENSITY),
                forward=[float(direction == "forward")], timeout=300)
-    _shape(f"{name}'s {direction} solve", out["z"], (3 * b, 2))
+    check_array(f"{name}'s {direction} solve", out["z"], (3 * b, 2))
     log_q = np.empty(b)
     log_q[order] = (gaussian_log_prob(out["z"][:b])
                     + one_sided_logabsdet(out["z"], b, 2, H_DENSITY))
@@ -673,7 +664,7 @@ def check_train_moons(oracle: Oracle, rng: np.random.Generator) -> str:
 
     from nfcourse.checks.lesson06 import held_out_moons, moons_log_prob
 
-    fresh = held_out_moons(N_FRESH, seed=_seed(rng)).double().numpy()
+    fresh = held_out_moons(N_FRESH, seed=draw_seed(rng)).double().numpy()
     return _check_trained(oracle, rng, "moons_model", fresh, lambda x: moons_log_prob(
         torch.as_tensor(x)).double().numpy(), "moons", "two moons")
 
@@ -684,7 +675,7 @@ def check_train_image(oracle: Oracle, rng: np.random.Generator) -> str:
     from nfcourse.checks.lesson06 import logo_density
 
     density = logo_density()
-    fresh = density.sample(N_FRESH, seed=_seed(rng)).double().numpy()
+    fresh = density.sample(N_FRESH, seed=draw_seed(rng)).double().numpy()
     return _check_trained(oracle, rng, "image_model", fresh, lambda x: density.log_prob(
         torch.as_tensor(x)).double().numpy(), "image", "the logo's density")
 
