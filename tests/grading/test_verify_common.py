@@ -9,9 +9,9 @@ import re
 
 import numpy as np
 import pytest
-from harness import REPO
+from harness import REPO, solution_cells
 
-from nfcourse.grade.verify import Oracle, OracleError, verifier_for
+from nfcourse.grade.verify import Oracle, OracleError, review_notes, verifier_for
 
 LESSONS = sorted(p.name for p in (REPO / "solutions").iterdir() if p.is_dir())
 
@@ -62,3 +62,9 @@ def test_a_lying_or_silent_kernel_fails_every_exercise(lesson, execute):
 def test_a_silent_kernel_is_named_in_the_error():
     with pytest.raises(OracleError, match="no answer"):
         Oracle(silent).query("out['x'] = 1")
+
+
+@pytest.mark.parametrize("lesson", LESSONS)
+def test_an_honest_solution_has_nothing_to_review(lesson):
+    """The review list is for code a lesson never needs: the solution's cells give none."""
+    assert review_notes([source for _, source in solution_cells(lesson)]) == []

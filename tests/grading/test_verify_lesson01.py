@@ -164,11 +164,15 @@ def test_review_notes_list_dynamic_code_in_order():
 
     cells = ["%matplotlib inline\nimport numpy as np\nx = np.ones(3)\n",
              "import importlib\nimport sys\nf = eval('1')\nsys.modules['a'] = None\n",
-             "_nfv_seen.clear()\n", "def broken(:\n"]
+             "_nfv_seen.clear()\n", "def broken(:\n",
+             "C = getattr(flows, 'Affine' + 'Coupling')\nd = getattr(flows, 'Flow')\n"]
     assert review_notes(cells) == [
         "cell 2, line 1: imports importlib", "cell 2, line 3: calls eval",
-        "cell 2, line 4: uses .modules", "cell 3, line 1: names the grader's _nfv_seen"]
-    assert review_notes([s for s in cells if "importlib" not in s and "_nfv" not in s]) == []
+        "cell 2, line 4: uses .modules", "cell 3, line 1: names the grader's _nfv_seen",
+        "cell 5, line 1: calls getattr with a computed name"]
+    innocent = [s for s in cells if not any(w in s for w in ("importlib", "_nfv", "+"))]
+    assert review_notes(innocent + ["d = getattr(flows, 'Flow')\n",
+                                    "n = sum(1 for m in model.modules())\n"]) == []
 
 
 @pytest.mark.notebook

@@ -262,9 +262,12 @@ Check = Callable[[Oracle, np.random.Generator], str]
 #: legitimate lesson code never needs them, so a submission that uses one is listed for the
 #: instructor to read (the verdicts stand; a name scan alone cannot see through them).
 _DYNAMIC_CALLS = {"__import__", "exec", "eval", "compile", "globals", "vars"}
+#: attribute access by a name computed at run time (``getattr(flows, "Affine" + "Coupling")``
+#: gets past a name scan; a constant name does not, and is not listed)
+_BY_NAME = {"getattr", "setattr", "delattr"}
 _DYNAMIC_MODULES = {"importlib", "builtins", "ctypes", "gc", "inspect"}
 _DYNAMIC_ATTRS = {"modules", "settrace", "setprofile", "gettrace", "__builtins__",
-                  "__globals__", "__code__", "__subclasses__"}
+                  "__globals__", "__code__", "__subclasses__", "__dict__", "__getattribute__"}
 
 
 def _strip_magics(source: str) -> str:
@@ -287,18 +290,25 @@ def review_notes(sources: Iterable[str]) -> list[str]:
             tree = ast.parse(_strip_magics(source))
         except SyntaxError:
             continue
+        # ``model.modules()`` is torch; ``sys.modules`` (never called) is the interpreter's
+        called = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
         for node in ast.walk(tree):
             what = None
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
                     and node.func.id in _DYNAMIC_CALLS:
                 what = f"calls {node.func.id}"
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                    and node.func.id in _BY_NAME and len(node.args) >= 2 \
+                    and not isinstance(node.args[1], ast.Constant):
+                what = f"calls {node.func.id} with a computed name"
             elif isinstance(node, ast.Import | ast.ImportFrom):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) \
                     else [node.module or ""]
                 hit = [n for n in names if n.split(".")[0] in _DYNAMIC_MODULES]
                 if hit:
                     what = f"imports {hit[0]}"
-            elif isinstance(node, ast.Attribute) and node.attr in _DYNAMIC_ATTRS:
+            elif isinstance(node, ast.Attribute) and node.attr in _DYNAMIC_ATTRS \
+                    and not (node.attr == "modules" and id(node) in called):
                 what = f"uses .{node.attr}"
             elif isinstance(node, ast.Name) and node.id.startswith("_nfv"):
                 what = f"names the grader's {node.id}"
