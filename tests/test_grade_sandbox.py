@@ -162,3 +162,39 @@ def test_wrap_says_what_is_missing(monkeypatch, tmp_path):
     monkeypatch.setattr(sandbox, "_bwrap", lambda: None)
     with pytest.raises(SandboxUnavailable, match="bubblewrap"):
         Sandbox(workdir=tmp_path).wrap(["true"])
+
+
+def test_kernel_sees_a_data_folder_reached_through_a_link(tmp_path):
+    """NFCOURSE_DATA may be a link, even one under /tmp (which the sandbox replaces): the
+    kernel is told the real folder and can read it, or a lesson would train on other data."""
+    import asyncio
+
+    from nfcourse.grade.kernel import SandboxedKernelManager, resolved_data_folder
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "t10k-images-idx3-ubyte.gz").write_bytes(b"x")
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    assert resolved_data_folder({"NFCOURSE_DATA": str(link)}) == str(real.resolve())
+    work = tmp_path / "work"
+    work.mkdir()
+
+    async def ask() -> str:
+        km = SandboxedKernelManager(kernel_name="python3")
+        await km.start_kernel(cwd=str(work), env={**os.environ, "NFCOURSE_DATA": str(link)})
+        kc = km.client()
+        kc.start_channels()
+        printed: list[str] = []
+        try:
+            await kc.wait_for_ready(timeout=60)
+            await kc.execute_interactive(
+                "import os\nroot = os.environ['NFCOURSE_DATA']\nprint(root, os.listdir(root))",
+                timeout=60, output_hook=lambda msg: printed.append(
+                    msg["content"].get("text", "") if msg["msg_type"] == "stream" else ""))
+        finally:
+            kc.stop_channels()
+            await km.shutdown_kernel(now=True)
+        return "".join(printed)
+
+    assert asyncio.run(ask()).strip() == f"{real.resolve()} ['t10k-images-idx3-ubyte.gz']"

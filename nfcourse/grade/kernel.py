@@ -22,7 +22,7 @@ from traitlets import Bool, Float, Integer, List, Unicode
 
 from nfcourse.grade.sandbox import Limits, Sandbox
 
-__all__ = ["SandboxedKernelManager", "PASSED_ENV_PREFIXES"]
+__all__ = ["SandboxedKernelManager", "PASSED_ENV_PREFIXES", "resolved_data_folder"]
 
 
 def _children(pid: int) -> list[int]:
@@ -35,6 +35,23 @@ def _children(pid: int) -> list[int]:
 #: Environment variables the kernel keeps (everything else, secrets included, is dropped).
 PASSED_ENV_PREFIXES = ("NFCOURSE_", "TQDM_", "MPLBACKEND", "PYTHONHASHSEED", "OMP_NUM_THREADS",
                        "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "JPY_")
+
+
+def resolved_data_folder(env: dict[str, str]) -> str | None:
+    """The folder ``$NFCOURSE_DATA`` names, links followed, or None when there is none.
+
+    The sandbox binds it at that real path and the kernel is told that path: a link's own
+    path may not exist inside (one under ``/tmp`` is hidden by the sandbox's own ``/tmp``),
+    and a lesson that finds no MNIST there trains on something else.
+
+    Example:
+        >>> resolved_data_folder({"NFCOURSE_DATA": "/nonexistent"}) is None
+        True
+    """
+    data = env.get("NFCOURSE_DATA")
+    if not data or not Path(data).is_dir():
+        return None
+    return str(Path(data).resolve())
 
 
 class SandboxedKernelManager(AsyncKernelManager):
@@ -80,10 +97,11 @@ class SandboxedKernelManager(AsyncKernelManager):
                 shutil.copy(item, self._scratch / item.name)
         env = dict(kw.get("env") or os.environ)
         passed = {k: v for k, v in env.items() if k.startswith(PASSED_ENV_PREFIXES)}
-        readonly = [p for p in self.readonly_paths if p and Path(p).is_dir()]
-        data = passed.get("NFCOURSE_DATA")
-        if data and Path(data).is_dir():
-            readonly.append(str(Path(data).resolve()))
+        readonly = [str(Path(p).resolve()) for p in self.readonly_paths if p and Path(p).is_dir()]
+        data = resolved_data_folder(passed)
+        if data is not None:
+            readonly.append(data)
+            passed["NFCOURSE_DATA"] = data
         self._sandbox = Sandbox(workdir=workdir, readonly=readonly, scratch=self._scratch,
                                 readwrite=[self._socket_dir], env=passed, limits=self.limits())
         # --quiet: no connection banner on the grader's terminal for every submission

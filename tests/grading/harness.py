@@ -233,12 +233,41 @@ def autograde(course: Course, lesson: str, student: str) -> dict[str, float]:
     return {k: v.score for k, v in commands.scores(course, lesson, student).items()}
 
 
-def _diff(scores: Mapping[str, float], expected: Mapping[str, float]) -> str:
+def _reasons(course: Course, lesson: str, student: str) -> dict[str, list[str]]:
+    """``grade_id -> why it lost points``: the graded notebook's errors and the independent
+    check's message, so that a failing grading test says what happened in the kernel."""
+    import json
+
+    from nfcourse.grade.execute import VERIFICATION_FILE
+
+    folder = course.autograded_dir / student / lesson
+    reasons: dict[str, list[str]] = {}
+    graded = folder / f"{lesson}.ipynb"
+    if graded.is_file():
+        for cell in nbformat.read(graded, as_version=4).cells:
+            grade_id = _meta(cell).get("grade_id")
+            for out in cell.get("outputs", []) if grade_id else []:
+                if out.get("output_type") == "error":
+                    text = f"{out.get('ename')}: {out.get('evalue', '')}".strip()
+                    reasons.setdefault(grade_id, []).append(text[:300])
+    record = folder / VERIFICATION_FILE
+    if record.is_file():
+        for verdict in json.loads(record.read_text()).get("verdicts", []):
+            if not verdict.get("passed"):
+                reasons.setdefault(verdict["grade_id"], []).append(
+                    "independent check: " + str(verdict.get("message", ""))[:300])
+    return reasons
+
+
+def _diff(scores: Mapping[str, float], expected: Mapping[str, float],
+          reasons: Mapping[str, list[str]] | None = None) -> str:
     lines = []
     for grade_id in sorted(set(scores) | set(expected)):
         got, want = scores.get(grade_id), expected.get(grade_id)
         mark = "" if got == want else f"   <-- expected {want}"
         lines.append(f"  {grade_id:28s} {got}{mark}")
+        if mark and reasons:
+            lines += [f"      {why}" for why in dict.fromkeys(reasons.get(grade_id, []))]
     return "\n".join(lines)
 
 
@@ -260,7 +289,8 @@ def lesson_grading_tests(lesson: str, bugs: Iterable[Bug]) -> dict[str, object]:
         assert points, f"{lesson} has no test cells"
         submit(course, lesson, "solution", student_notebook(course, lesson))
         scores = autograde(course, lesson, "solution")
-        assert scores == points, "the solution must get full marks:\n" + _diff(scores, points)
+        assert scores == points, "the solution must get full marks:\n" + _diff(
+            scores, points, _reasons(course, lesson, "solution"))
         html = commands.feedback(course, lesson, "solution")
         assert len(html) == 1 and html[0].stat().st_size > 0, "no feedback HTML written"
         text = html[0].read_text()
@@ -275,7 +305,8 @@ def lesson_grading_tests(lesson: str, bugs: Iterable[Bug]) -> dict[str, object]:
         submit(course, lesson, "untouched", student_notebook(course, lesson, answered=False))
         scores = autograde(course, lesson, "untouched")
         zeros = {k: 0.0 for k in points}
-        assert scores == zeros, "stubs must score zero everywhere:\n" + _diff(scores, zeros)
+        assert scores == zeros, "stubs must score zero everywhere:\n" + _diff(
+            scores, zeros, _reasons(course, lesson, "untouched"))
         # `nbgrader validate --invert` on the released lesson: no visible test may pass.
         validator = Validator(config=copy.deepcopy(course.config), invert=True)
         with commands.setenv(commands.grading_env(course)):
@@ -296,7 +327,7 @@ def lesson_grading_tests(lesson: str, bugs: Iterable[Bug]) -> dict[str, object]:
         expected = {k: (0.0 if k in bug.loses else v) for k, v in points.items()}
         assert scores == expected, (
             f"planted bug {bug.name!r} must lose exactly {sorted(bug.loses)}:\n"
-            + _diff(scores, expected))
+            + _diff(scores, expected, _reasons(course, lesson, student)))
 
     @pytest.mark.notebook
     def test_tampering_is_undone(course):
@@ -321,7 +352,8 @@ def lesson_grading_tests(lesson: str, bugs: Iterable[Bug]) -> dict[str, object]:
             del nb.cells[tests[len(tests) // 2]]
         submit(course, lesson, "tamperer", nb)
         scores = autograde(course, lesson, "tamperer")
-        assert scores == points, "tampered test cells must be restored:\n" + _diff(scores, points)
+        assert scores == points, "tampered test cells must be restored:\n" + _diff(
+            scores, points, _reasons(course, lesson, "tamperer"))
 
     return {
         "course": course,
