@@ -159,6 +159,22 @@ def solution_cells(lesson: str, *, skip_prefixes: tuple[str, ...] = (),
     return cells
 
 
+def changed(cells: Iterable[Cell], edits: Mapping[str, tuple[str, str]] | None = None,
+            replace: Mapping[str, str] | None = None) -> list[Cell]:
+    """``cells`` with answers changed: ``replace[grade_id]`` is a whole new source,
+    ``edits[grade_id] = (old, new)`` replaces text that must be there."""
+    out = []
+    for grade_id, source in cells:
+        if replace and grade_id in replace:
+            source = replace[grade_id]
+        if edits and grade_id in edits:
+            old, new = edits[grade_id]
+            assert old in source, f"{old!r} is not in {grade_id}"
+            source = source.replace(old, new)
+        out.append((grade_id, source))
+    return out
+
+
 def run_cells(ns: dict, cells: Iterable[Cell]) -> dict:
     """Run ``cells`` in ``ns`` as a kernel would: quietly, and a cell that fails leaves what
     it defined before the error (then the next cell runs)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from harness import Cell, run_cells, solution_cells
+from harness import Cell, changed, run_cells, solution_cells
 from hostile import IDENTITY_COUPLING
 from test_lesson01 import BUGS
 
@@ -29,16 +29,7 @@ def namespace(edits: dict[str, tuple[str, str]] | None = None,
               replace: dict[str, str] | None = None) -> dict:
     """Run the solution's cells (with ``edits[cell] = (old, new)`` or whole ``replace``d
     answers) in a fresh namespace, as the student's kernel would hold them."""
-    ns: dict = {}
-    for grade_id, source in _cells():
-        if replace and grade_id in replace:
-            source = replace[grade_id]
-        if edits and grade_id in edits:
-            old, new = edits[grade_id]
-            assert old in source
-            source = source.replace(old, new)
-        run_cells(ns, [(grade_id, source)])
-    return ns
+    return run_cells({}, changed(_cells(), edits, replace))
 
 
 def failures(ns: dict, sources: list[str] | None = None) -> dict[str, str]:

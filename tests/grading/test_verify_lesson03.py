@@ -22,6 +22,7 @@ from harness import (
     Bug,
     Cell,
     autograde,
+    changed,
     make_course,
     max_points,
     run_cells,
@@ -59,17 +60,10 @@ def namespace(base: dict | None = None, start: str | None = None,
     up in the copy (a function's globals are the namespace it was defined in)."""
     ns: dict = dict(base) if base is not None else {}
     running = base is None
-    for grade_id, source in _cells():
+    for grade_id, source in changed(_cells(), edits, replace):
         running = running or grade_id == start
-        if not running:
-            continue
-        if replace and grade_id in replace:
-            source = replace[grade_id]
-        if edits and grade_id in edits:
-            old, new = edits[grade_id]
-            assert old in source
-            source = source.replace(old, new)
-        _run(ns, grade_id or "cell", source)
+        if running:
+            _run(ns, grade_id or "cell", source)
     assert running, f"no cell {start!r}"
     return ns
 

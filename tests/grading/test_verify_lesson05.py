@@ -19,6 +19,7 @@ from harness import (
     Cell,
     _meta,
     autograde,
+    changed,
     make_course,
     max_points,
     run_cells,
@@ -50,16 +51,7 @@ def namespace(edits: dict[str, tuple[str, str]] | None = None,
     """Run the solution's cells (with ``edits[cell] = (old, new)`` or whole ``replace``d
     answers) in a fresh namespace, as the student's kernel would hold them. Without the
     training cells this takes well under a second, so every case builds its own."""
-    ns: dict = {}
-    for grade_id, source in _cells():
-        if replace and grade_id in replace:
-            source = replace[grade_id]
-        if edits and grade_id in edits:
-            old, new = edits[grade_id]
-            assert old in source
-            source = source.replace(old, new)
-        run_cells(ns, [(grade_id, source)])
-    return ns
+    return run_cells({}, changed(_cells(), edits, replace))
 
 
 def failures(ns: dict, sources: list[str] | None = None, seed: int = 7) -> dict[str, str]:
