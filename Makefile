@@ -36,7 +36,7 @@ lab: $(STAMP)
 		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 test: $(STAMP)
-	NFCOURSE_FAST=1 NFCOURSE_DATA=$(TEST_DATA) MPLBACKEND=Agg OMP_NUM_THREADS=1 $(PY) -m pytest -n $(WORKERS) --dist loadgroup
+	NFCOURSE_FAST=1 NFCOURSE_DATA=$(TEST_DATA) MPLBACKEND=Agg OMP_NUM_THREADS=1 $(PY) -m pytest -n $(WORKERS) --dist loadgroup --durations=15
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -m gpu -p no:xdist -rA
