@@ -32,6 +32,7 @@ def _children(pid: int) -> list[int]:
         return []
     return [int(p) for p in text.split()]
 
+
 #: Environment variables the kernel keeps (everything else, secrets included, is dropped).
 PASSED_ENV_PREFIXES = ("NFCOURSE_", "TQDM_", "MPLBACKEND", "PYTHONHASHSEED", "OMP_NUM_THREADS",
                        "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "JPY_")

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import re
 import shutil
 from collections.abc import Iterable, Mapping
@@ -54,6 +55,7 @@ import pytest
 from nfcourse.grade import Course, commands
 from nfcourse.grade.cli import main as grade_main
 from nfcourse.grade.config import CONFIG_RELPATH
+from nfcourse.grade.execute import VERIFICATION_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -252,10 +254,6 @@ def autograde(course: Course, lesson: str, student: str) -> dict[str, float]:
 def _reasons(course: Course, lesson: str, student: str) -> dict[str, list[str]]:
     """``grade_id -> why it lost points``: the graded notebook's errors and the independent
     check's message, so that a failing grading test says what happened in the kernel."""
-    import json
-
-    from nfcourse.grade.execute import VERIFICATION_FILE
-
     folder = course.autograded_dir / student / lesson
     reasons: dict[str, list[str]] = {}
     graded = folder / f"{lesson}.ipynb"

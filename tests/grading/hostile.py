@@ -65,6 +65,7 @@ for _name in dir(_checks_module):
         setattr(_checks_module, _name, lambda *args, **kwargs: None)
 """
 
+
 def patch_everything(lesson: str) -> str:
     """A cell that makes every hidden test's helpers pass: ``np.allclose`` and
     ``torch.allclose``, the package's ``assert_independent`` (and the notebook's name for

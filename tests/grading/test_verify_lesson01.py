@@ -25,6 +25,8 @@ pytestmark = pytest.mark.xdist_group("verify01")
 def _cells() -> list[Cell]:
     # pictures and self-checks: not needed to answer the queries
     return solution_cells(LESSON, skip_prefixes=SKIP)
+
+
 def namespace(edits: dict[str, tuple[str, str]] | None = None,
               replace: dict[str, str] | None = None) -> dict:
     """Run the solution's cells (with ``edits[cell] = (old, new)`` or whole ``replace``d

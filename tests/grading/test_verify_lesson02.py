@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from harness import (
     REPO,
-    Cell,
     _meta,
     autograde,
     make_course,
@@ -60,8 +59,6 @@ def _cells() -> list[tuple[str | None, str]]:
 CELLS = _cells()
 
 
-def _run(ns: dict, cells: list[Cell]) -> dict:
-    return run_cells(ns, cells)
 def edited(base: dict, cell: str, old: str, new: str, count: int = 1) -> dict:
     """A copy of ``base`` with answer ``cell`` edited and it and the cells after it re-run."""
     ids = [grade_id for grade_id, _ in CELLS]
@@ -70,14 +67,14 @@ def edited(base: dict, cell: str, old: str, new: str, count: int = 1) -> dict:
     source = cells[0][1]
     assert source.count(old) == count, f"{old!r} is not in {cell}"
     cells[0] = (cell, source.replace(old, new))
-    return _run(dict(base), cells)
+    return run_cells(dict(base), cells)
 
 
 def replaced(base: dict, cell: str, source: str) -> dict:
     """A copy of ``base`` with answer ``cell`` replaced and the cells after it re-run."""
     ids = [grade_id for grade_id, _ in CELLS]
     start = ids.index(cell)
-    return _run(dict(base), [(cell, source), *CELLS[start + 1:]])
+    return run_cells(dict(base), [(cell, source), *CELLS[start + 1:]])
 
 
 def failures(ns: dict, sources: list[str] | None = None, seed: int = 7) -> dict[str, str]:
@@ -88,7 +85,7 @@ def failures(ns: dict, sources: list[str] | None = None, seed: int = 7) -> dict[
 
 @pytest.fixture(scope="module")
 def solution_ns():
-    return _run({}, CELLS)
+    return run_cells({}, CELLS)
 
 
 def test_the_checks_cover_every_graded_cell():

@@ -48,8 +48,12 @@ pytestmark = pytest.mark.xdist_group("verify03")
 
 def _cells() -> list[Cell]:
     return solution_cells(LESSON, skip_prefixes=SKIP)
+
+
 def _run(ns: dict, name: str, source: str) -> None:
     run_cells(ns, [(name, source)])
+
+
 def namespace(base: dict | None = None, start: str | None = None,
               edits: dict[str, tuple[str, str]] | None = None,
               replace: dict[str, str] | None = None) -> dict:

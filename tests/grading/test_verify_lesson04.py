@@ -46,8 +46,12 @@ pytestmark = pytest.mark.xdist_group("verify04")
 
 def _cells() -> list[Cell]:
     return solution_cells(LESSON, skip_containing=SKIP, drop_lines=DROP)
+
+
 def _run(ns: dict, grade_id: str | None, source: str) -> None:
     run_cells(ns, [(grade_id, source)])
+
+
 @pytest.fixture(scope="module")
 def solution():
     """The solution's namespace, and copies of it just before each answer cell."""

@@ -46,6 +46,8 @@ pytestmark = pytest.mark.xdist_group("verify05")
 
 def _cells() -> list[Cell]:
     return solution_cells(LESSON, skip_prefixes=SKIP)
+
+
 def namespace(edits: dict[str, tuple[str, str]] | None = None,
               replace: dict[str, str] | None = None) -> dict:
     """Run the solution's cells (with ``edits[cell] = (old, new)`` or whole ``replace``d

@@ -57,8 +57,8 @@ def _notebook():
 
 def _cells() -> list[Cell]:
     return solution_cells(LESSON, skip_prefixes=SKIP)  # the rest answers no query
-def _run(cells: list[Cell], ns: dict) -> dict:
-    return run_cells(ns, cells)
+
+
 def with_edit(base: dict, cell: str, old: str, new: str) -> dict:
     """``base`` (the solution's namespace) with answer ``cell`` edited and it and every cell
     after it run again on a copy (the cells before it are the solution's anyway)."""
@@ -67,7 +67,7 @@ def with_edit(base: dict, cell: str, old: str, new: str) -> dict:
     gid, source = cells[start]
     assert source.count(old) == 1, f"{old!r} is not once in {cell}"
     cells[start] = (gid, source.replace(old, new))
-    return _run(cells[start:], dict(base))
+    return run_cells(dict(base), cells[start:])
 
 
 @contextlib.contextmanager
@@ -101,7 +101,7 @@ def failures(ns: dict, sources: list[str] | None = None, seed: int = 7,
 
 @pytest.fixture(scope="module")
 def solution_ns():
-    return _run(_cells(), {})
+    return run_cells({}, _cells())
 
 
 # ------------------------------------------------------------------- the grader's own maths
