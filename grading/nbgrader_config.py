@@ -65,10 +65,14 @@ c.Execute.kernel_name = "python3"
 # Seconds per cell; `nfcourse grade` replaces it with NfcourseGrade.lesson_timeouts[lesson].
 c.Execute.timeout = 300
 c.Execute.interrupt_on_timeout = True
-# A deleted test cell comes back (and is graded) instead of silently giving no score; an
-# edited one is restored from the gradebook. A split or copied test cell: the last copy keeps
-# the id (and is restored), the others become ordinary cells (DropEmptyNbgraderMetadata
-# works around nbgrader 0.9 failing on them).
+# Nothing a student wrote into cell metadata counts: SanitizeSubmission rebuilds every cell's
+# nbgrader metadata from the gradebook (a cell it does not know becomes an ordinary cell, so
+# a student-made "grade cell" adds no points; flipped flags and points are put back) and drops
+# the tags that change execution (skip-execution, raises-exception); ClearOutput removes
+# pre-filled outputs. A deleted test cell comes back (and is graded) instead of silently
+# giving no score; an edited one is restored from the gradebook. A split or copied test cell:
+# the last copy keeps the id (and is restored), the others become ordinary cells
+# (DropEmptyNbgraderMetadata works around nbgrader 0.9 failing on them).
 c.OverwriteCells.add_missing_cells = True
 try:
     from nbgrader.preprocessors import (
@@ -79,9 +83,10 @@ try:
         OverwriteKernelspec,
     )
 
-    from nfcourse.grade.preprocessors import DropEmptyNbgraderMetadata
+    from nfcourse.grade.preprocessors import DropEmptyNbgraderMetadata, SanitizeSubmission
 
     c.Autograde.sanitize_preprocessors = [
+        SanitizeSubmission,
         ClearOutput,
         DeduplicateIds,
         DropEmptyNbgraderMetadata,
@@ -101,7 +106,10 @@ try:
     )
 
     from nfcourse.grade.execute import GradingExecute
+    from nfcourse.grade.preprocessors import SanitizeOutputs
 
+    # SanitizeOutputs last: the autograded notebook (what the formgrader and the feedback
+    # render) keeps no script, event handler, javascript: URL, SVG or widget state.
     c.Autograde.autograde_preprocessors = [
         GradingExecute,
         IgnorePattern,
@@ -110,7 +118,27 @@ try:
         SaveAutoGrades,
         AssignLatePenalties,
         CheckCellMetadata,
+        SanitizeOutputs,
     ]
+    # Feedback: the hidden tests' code (restored into the autograded notebook from the
+    # gradebook) is cut out, test tracebacks keep only the error's name and message, and
+    # HTML is sanitised again when rendered (nbgrader 0.9.6 does neither).
+    from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
+    from nbgrader.preprocessors import GetGrades
+
+    from nfcourse.grade.preprocessors import HideHiddenTests, clean_html
+
+    c.GenerateFeedback.preprocessors = [
+        GetGrades,
+        HideHiddenTests,
+        SanitizeOutputs,
+        CSSHTMLHeaderPreprocessor,
+    ]
+    # The feedback and the formgrader render through nbconvert's HTMLExporter: sanitise
+    # Markdown and HTML there too, with the course's allow-list (nbconvert's own filter
+    # escapes headings and table headers).
+    c.HTMLExporter.sanitize_html = True
+    c.HTMLExporter.filters = {"clean_html": clean_html}
 except ImportError:  # nfcourse not installed: plain nbgrader behaviour
     pass
 # Progress bars write to stderr; drop those outputs from the graded copy and the feedback.
@@ -124,11 +152,25 @@ c.SandboxedKernelManager.memory_mb = 3072
 c.SandboxedKernelManager.processes = 128
 c.SandboxedKernelManager.tmp_mb = 256
 c.SandboxedKernelManager.file_mb = 64
+# The kernel's working folder: a tmpfs (MB) holding a copy of the submission (nothing of it
+# on the host's disk). The grader's sockets: largest frame (MB; a bigger one drops the
+# connection, so the kernel looks dead) and messages queued per socket.
+c.SandboxedKernelManager.work_mb = 256
+c.SandboxedKernelManager.max_message_mb = 64
+c.SandboxedKernelManager.receive_queue = 4
 # Whole-notebook budget (seconds) and printed output kept (MB); per-cell timeouts below.
 c.GradingExecute.notebook_timeout = 900
 c.GradingExecute.output_mb = 2.0
+# The independent check: seconds per query and in all (past the budget the kernel is killed
+# and every exercise not yet decided fails).
+c.GradingExecute.verify_timeout = 120
+c.GradingExecute.verify_budget = 300
 
 # --- nfcourse's own settings (read by nfcourse.grade, ignored by nbgrader) ---------------
+# Memory (MB) of the grader's own process per submission, on top of the kernel's cap
+# (SandboxedKernelManager.memory_mb): each submission is graded in a worker process capped at
+# the sum, so one that makes the grader blow up fails alone (nfcourse/grade/workers.py).
+c.NfcourseGrade.grader_memory_mb = 2048
 # Per-lesson cell timeout in seconds for autograding (fast mode).
 c.NfcourseGrade.lesson_timeouts = {
     "01_two_moons_realnvp": 120,

@@ -198,3 +198,89 @@ def test_kernel_sees_a_data_folder_reached_through_a_link(tmp_path):
         return "".join(printed)
 
     assert asyncio.run(ask()).strip() == f"{real.resolve()} ['t10k-images-idx3-ubyte.gz']"
+
+
+def test_seeded_workdir_is_a_capped_tmpfs(tmp_path):
+    """With ``seed`` the workdir is a tmpfs holding a copy of the seed's regular files:
+    writes stop at ``work_mb`` and none of them reaches the host folder."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notebook.ipynb").write_text("{}")
+    (work / "link").symlink_to("/etc/passwd")
+    with Sandbox(workdir=work, seed=work, limits=Limits(work_mb=8)) as box:
+        result = subprocess.run(box.wrap([sys.executable, "-c", textwrap.dedent("""
+            import os
+            print(sorted(os.listdir('.')))
+            written = 0
+            try:
+                for i in range(10):
+                    with open(f'fill-{i}', 'wb') as f:
+                        f.write(b'x' * (2 * 1024 * 1024))
+                    written += 2
+            except OSError as error:
+                print('stopped', written, type(error).__name__)
+        """)]), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "['notebook.ipynb']", lines
+    assert lines[1].startswith("stopped") and int(lines[1].split()[1]) <= 8, lines
+    assert sorted(os.listdir(work)) == ["link", "notebook.ipynb"]
+
+
+def test_seed_and_scratch_are_exclusive(tmp_path):
+    with pytest.raises(ValueError, match="not both"):
+        Sandbox(workdir=tmp_path, seed=tmp_path, scratch=tmp_path)
+
+
+def test_kernel_environment_is_an_exact_allow_list():
+    from nfcourse.grade.kernel import SandboxedKernelManager, passed_env
+
+    env = {"NFCOURSE_FAST": "1", "NFCOURSE_SECRET": "s", "JPY_API_TOKEN": "t",
+           "TQDM_DISABLE": "1", "TQDM_MININTERVAL": "9", "MY_VAR": "v"}
+    assert passed_env(env) == {"NFCOURSE_FAST": "1", "TQDM_DISABLE": "1"}
+    km = SandboxedKernelManager(kernel_name="python3", passed_env=["MY_VAR"])
+    assert passed_env(env, km.allowed_env()) == {"NFCOURSE_FAST": "1", "TQDM_DISABLE": "1",
+                                                 "MY_VAR": "v"}
+
+
+def test_kernel_socket_folder_is_locked_and_sockets_are_limited(tmp_path):
+    """Once the kernel is up its socket folder takes no new file (as root it belongs to
+    nobody), and the grader's sockets refuse large frames and queue few messages."""
+    import asyncio
+
+    import zmq
+
+    from nfcourse.grade.kernel import SandboxedKernelManager
+
+    work = tmp_path / "work"
+    work.mkdir()
+
+    async def probe() -> tuple[str, dict, int]:
+        km = SandboxedKernelManager(kernel_name="python3", max_message_mb=3, receive_queue=2)
+        await km.start_kernel(cwd=str(work), env=dict(os.environ))
+        kc = km.client()
+        kc.start_channels()
+        printed: list[str] = []
+        folder = km._socket_dir
+        try:
+            await kc.wait_for_ready(timeout=60)
+            sockets = {name: (getattr(kc, f"{name}_channel").socket.getsockopt(zmq.MAXMSGSIZE),
+                              getattr(kc, f"{name}_channel").socket.getsockopt(zmq.RCVHWM))
+                       for name in ("shell", "iopub", "stdin", "control")}
+            owner = folder.stat().st_uid
+            await kc.execute_interactive(
+                f"import os\ntry:\n    open({str(folder / 'x')!r}, 'w').write('x')\n"
+                "    print('wrote')\nexcept OSError as e:\n    print(type(e).__name__)\n",
+                timeout=60, output_hook=lambda msg: printed.append(
+                    msg["content"].get("text", "") if msg["msg_type"] == "stream" else ""))
+        finally:
+            kc.stop_channels()
+            await km.shutdown_kernel(now=True)
+        assert not folder.exists()
+        return "".join(printed).strip(), sockets, owner
+
+    printed, sockets, owner = asyncio.run(probe())
+    assert printed == "PermissionError", printed
+    assert set(sockets.values()) == {(3 * 1024 * 1024, 2)}, sockets
+    if os.geteuid() == 0:
+        assert owner == 65534

@@ -16,27 +16,22 @@ and reports, in plain words and with numbers, every property a correct layer has
 ``gradients``          a loss on ``z`` and ``log_det`` sends a gradient to every parameter
 =====================  ====================================================================
 
-:func:`assert_flow` raises on the first report with a failure; :func:`assert_independent` and
-:func:`forbid_calls` make sure an answer does not import, subclass, wrap or call the reference
-implementation of the layer an exercise asks for.
+:func:`assert_flow` raises on the first report with a failure. :func:`reference_advice` tells
+a student, as advice, that an answer which is the package's reference will fail when graded
+(the grading kernel's edition of the package does not have that lesson's references).
 """
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import copy
-import dis
-import functools
 import html
 import importlib
 import inspect
 import math
 import os
-import sys
 import traceback
-import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,11 +41,9 @@ from torch import Tensor, nn
 __all__ = [
     "CheckResult",
     "FlowReport",
-    "ReferenceUsedError",
     "assert_flow",
-    "assert_independent",
     "check_flow",
-    "forbid_calls",
+    "reference_advice",
 ]
 
 PASS, FAIL, SKIP = "✓", "✗", "–"
@@ -247,8 +240,6 @@ def _call(layer: Any, direction: str, x: Tensor, context: Any) -> Any:
     try:
         with _seeded(x.device):
             return fn(*args)
-    except ReferenceUsedError:
-        raise
     except Exception as exc:  # the student's code may raise anything: report it, don't crash
         raise _LayerError(_describe_exception(f"{direction}", exc), exc) from exc
 
@@ -686,8 +677,6 @@ class _FlowChecker:
                     c64 = _to64(_slice_context(self.context, 0, len(self.x)))
                     _call(copy64, "forward", self.x[:1].double(), c64)
                     return copy64, True
-                except ReferenceUsedError:
-                    raise
                 except Exception:
                     pass
         if self.x.dtype == torch.float64:
@@ -888,8 +877,6 @@ class _FlowChecker:
                 loss.backward()
             except _LayerError as e:
                 return e, [], []
-            except ReferenceUsedError:
-                raise
             except Exception as exc:
                 return _LayerError(_describe_exception("backward", exc), exc), [], []
             none = [n for n, p in params if p.grad is None]
@@ -924,7 +911,7 @@ def _jacobian(layer: Any, xi: Tensor, ci: Any, zi: Tensor) -> Tensor:
     try:
         jac = _jacobian_by_rows(layer, xi, ci, zi)
         return jac if jac is not None else torch.autograd.functional.jacobian(f, xi.reshape(-1))
-    except (_LayerError, ReferenceUsedError):
+    except _LayerError:
         raise
     except Exception as exc:  # autograd failed inside the layer's graph (in-place ops, ...)
         raise _LayerError(_describe_exception("backward through forward", exc), exc) from exc
@@ -998,391 +985,49 @@ def _log_det_hint(lds, refs, tol, d_in, mask_failed) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Independence from the reference implementation
+# Advice about the reference implementations
 # --------------------------------------------------------------------------------------------
-class ReferenceUsedError(AssertionError):
-    """An answer uses the reference implementation of the layer it is asked to write."""
+def _resolve_reference(name: str) -> Any:
+    """The object a dotted name such as ``nfcourse.flows.AffineCoupling`` stands for, or None
+    where it is not there (in a lesson's grading edition it raises ``ExerciseRemoved``)."""
+    module, _, attr = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None
 
 
-def _ref_name(ref: Any) -> str:
-    """The shortest public dotted name of ``ref`` (``nfcourse.flows.X`` over
-    ``nfcourse.flows.coupling.X``)."""
-    module = getattr(ref, "__module__", None) or ""
-    qual = getattr(ref, "__qualname__", None) or getattr(ref, "__name__", None) or repr(ref)
-    parts = module.split(".")
-    for i in range(1, len(parts) + 1):
-        mod = sys.modules.get(".".join(parts[:i]))
-        if mod is not None and getattr(mod, qual.split(".")[0], None) is ref:
-            return f"{'.'.join(parts[:i])}.{qual}"
-    return f"{module}.{qual}" if module else qual
+def reference_advice(answer: Any, *references: str) -> str | None:
+    """A sentence for a self-check when ``answer`` is, subclasses or is an instance of one of
+    the package's ``references`` (dotted names), else None.
 
+    Advice only, never a grade: while a lesson is graded its kernel has an edition of the
+    package without that lesson's references, so such an answer fails there on its own.
 
-def _answer_name(answer: Any) -> str:
-    if inspect.isclass(answer) or inspect.isfunction(answer) or inspect.ismethod(answer):
-        return answer.__name__
-    return type(answer).__name__
-
-
-def _expand_references(references: Sequence[Any]) -> list[Any]:
-    refs: list[Any] = []
-    for ref in references:
-        if isinstance(ref, types.ModuleType):
-            prefix = ref.__name__
-            for value in vars(ref).values():
-                if (inspect.isclass(value) or inspect.isfunction(value)) and str(
-                    getattr(value, "__module__", "")
-                ).startswith(prefix):
-                    refs.append(value)
-        else:
-            refs.append(ref)
-    for ref in refs:
-        if ref in (object, type, nn.Module) or getattr(ref, "__module__", None) == "builtins":
-            raise ValueError(f"{ref!r} cannot be a reference: every answer depends on it")
-    return list(dict.fromkeys(refs))
-
-
-def _is_ref(obj: Any, refs: list[Any]) -> Any | None:
-    """The reference ``obj`` is (or is a method of), else ``None``."""
-    for ref in refs:
-        try:
-            if obj is ref:
-                return ref
-        except Exception:
+    Example:
+        >>> import nfcourse.flows
+        >>> advice = reference_advice(nfcourse.flows.Squeeze, "nfcourse.flows.Squeeze")
+        >>> "not in the package" in advice
+        True
+        >>> reference_advice(object, "nfcourse.flows.Squeeze") is None
+        True
+    """
+    for name in references:
+        ref = _resolve_reference(name)
+        if ref is None:
             continue
-    func = getattr(obj, "__func__", obj)
-    qual = getattr(func, "__qualname__", None)
-    if isinstance(qual, str) and "." in qual:
-        for ref in refs:
-            if inspect.isclass(ref) and any(
-                func is v or getattr(v, "__func__", None) is func for v in vars(ref).values()
-            ):
-                return ref
-    return None
-
-
-def _held_references(obj: Any, refs: list[Any], path: str, seen: set[int], depth: int = 0):
-    """Yield ``(path, ref)`` for every attribute under ``obj`` that is a reference instance,
-    class or function (through nn.Module children, lists, tuples, dicts)."""
-    if id(obj) in seen or depth > 6:
-        return
-    seen.add(id(obj))
-    ref_classes = tuple(r for r in refs if inspect.isclass(r))
-    if path and ((ref_classes and isinstance(obj, ref_classes)) or _is_ref(obj, refs) is not None):
-        yield path, (_is_ref(obj, refs) or next(r for r in ref_classes if isinstance(obj, r)))
-        return
-    if isinstance(obj, (Tensor, str, bytes, int, float, bool, type(None), types.ModuleType)):
-        return
-    if isinstance(obj, dict):
-        items = obj.items()
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        items = enumerate(obj)
-    elif isinstance(obj, nn.Module):
-        items = [(k, v) for k, v in vars(obj).items() if not k.startswith("_")]
-        items += list(obj._modules.items())
-    elif hasattr(obj, "__dict__") and not inspect.isclass(obj) and not callable(obj):
-        items = vars(obj).items()
-    elif isinstance(obj, functools.partial):
-        items = [("func", obj.func), ("args", obj.args), ("keywords", obj.keywords)]
-    else:
-        return
-    for key, value in items:
-        if isinstance(key, str) and key.isidentifier():
-            sub = f"{path}.{key}"
-        else:
-            shown = key if isinstance(key, int) or str(key).isdigit() else repr(key)
-            sub = f"{path}[{shown}]"
-        yield from _held_references(value, refs, sub, seen, depth + 1)
-
-
-def _functions_of(answer: Any) -> list[tuple[str, types.FunctionType]]:
-    """The Python functions an answer is made of: the function itself, or every method of the
-    answer's class (and of its own base classes, defined in the same module)."""
-    if inspect.ismethod(answer):
-        answer = answer.__func__
-    if inspect.isfunction(answer):
-        return [(answer.__qualname__, answer)]
-    cls = answer if inspect.isclass(answer) else type(answer)
-    found: list[tuple[str, types.FunctionType]] = []
-    for klass in cls.__mro__:
-        if klass is object or klass.__module__ != cls.__module__:
-            continue
-        for attr, value in vars(klass).items():
-            for candidate in (value, getattr(value, "__func__", None), getattr(value, "fget", None),
-                              getattr(value, "fset", None)):
-                if inspect.isfunction(candidate):
-                    found.append((f"{klass.__name__}.{attr}", candidate))
-    if isinstance(answer, functools.partial) and inspect.isfunction(answer.func):
-        found.append((answer.func.__qualname__, answer.func))
-    return found
-
-
-def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
-    yield code
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            yield from _code_objects(const)
-
-
-_LOAD_ROOT = {"LOAD_GLOBAL", "LOAD_NAME"}
-_LOAD_ATTR = {"LOAD_ATTR", "LOAD_METHOD"}
-
-
-def _referenced_objects(func: types.FunctionType) -> Iterator[tuple[Any, int | None]]:
-    """Objects ``func``'s code reaches by name: globals and closure variables followed by
-    attribute chains (``nfcourse.flows.X``), modules imported inside the function and their
-    attributes, default arguments. Yields ``(object, line)``."""
-    globals_ = func.__globals__
-    builtins_ = globals_.get("__builtins__", builtins)
-    builtins_ = builtins_ if isinstance(builtins_, dict) else vars(builtins_)
-    closure = {}
-    if func.__closure__:
-        for var, cell in zip(func.__code__.co_freevars, func.__closure__, strict=True):
+        how = None
+        if answer is ref:
+            how = "is"
+        elif inspect.isclass(answer) and inspect.isclass(ref):
             try:
-                closure[var] = cell.cell_contents
-            except ValueError:
-                pass
-    for default in list(func.__defaults__ or ()) + list((func.__kwdefaults__ or {}).values()):
-        yield default, None
-    for code in _code_objects(func.__code__):
-        current: Any = _MISSING
-        import_base: Any = _MISSING
-        line = None
-        imported: list[Any] = []
-        for ins in dis.get_instructions(code):
-            line = getattr(ins, "line_number", None) or (
-                ins.starts_line if type(ins.starts_line) is int else None) or line
-            op = ins.opname
-            name = ins.argval if isinstance(ins.argval, str) else None
-            if op in _LOAD_ROOT and name:
-                current = globals_.get(name, builtins_.get(name, _MISSING))
-            elif op in ("LOAD_DEREF", "LOAD_CLOSURE") and name in closure:
-                current = closure[name]
-            elif op in _LOAD_ATTR and name and current is not _MISSING:
-                current = getattr(current, name, _MISSING) if _safe_getattr(current) else _MISSING
-            elif op == "IMPORT_NAME" and name:
-                module = sys.modules.get(name)
-                if module is None:
-                    with contextlib.suppress(Exception):
-                        module = importlib.import_module(name)
-                current = import_base = module if module is not None else _MISSING
-                if module is not None:
-                    imported.append(module)
-            elif op == "IMPORT_FROM" and name and import_base is not _MISSING:
-                current = getattr(import_base, name, _MISSING)
-            else:
-                current = _MISSING
-                continue
-            if current is not _MISSING:
-                yield current, line
-        # a module imported inside the function, used through a local alias: any attribute the
-        # code names on it counts
-        for module in imported:
-            for attr in code.co_names:
-                if _safe_getattr(module):
-                    yield getattr(module, attr, None), None
-
-
-def _safe_getattr(obj: Any) -> bool:
-    return isinstance(obj, (types.ModuleType, type)) or inspect.isfunction(obj)
-
-
-_MISSING = object()
-
-
-def _code_uses(answer: Any, refs: list[Any]) -> Iterator[tuple[str, Any, int | None]]:
-    """``(where, ref, line)`` for each place the answer's code names a reference, following the
-    answer's own helper functions and classes (same module) one level at a time."""
-    module = getattr(answer if inspect.isclass(answer) or inspect.isfunction(answer)
-                     else type(answer), "__module__", None)
-    todo = list(_functions_of(answer))
-    seen: set[int] = set()
-    while todo:
-        where, func = todo.pop()
-        if id(func) in seen:
-            continue
-        seen.add(id(func))
-        for obj, line in _referenced_objects(func):
-            ref = _is_ref(obj, refs)
-            if ref is None and inspect.isclass(obj):
-                ref = next((r for r in refs if inspect.isclass(r) and obj is not r
-                            and _safe_issubclass(obj, r)), None)
-            if ref is not None:
-                yield where, ref, line
-                continue
-            # follow the student's own helpers (defined where the answer is)
-            if (inspect.isfunction(obj) or inspect.isclass(obj)) and module and getattr(
-                obj, "__module__", None
-            ) == module and id(obj) not in seen:
-                for sub_where, sub in _functions_of(obj):
-                    todo.append((sub_where, sub))
-            if isinstance(obj, nn.Module):  # a module-level instance the code uses
-                for _, r in _held_references(obj, refs, "x", set()):
-                    yield where, r, line
-
-
-def _safe_issubclass(a: Any, b: Any) -> bool:
-    try:
-        return issubclass(a, b)
-    except TypeError:
-        return False
-
-
-def assert_independent(
-    answer: Any, *references: Any, call: Callable[[], Any] | None = None
-) -> None:
-    """Raise :class:`ReferenceUsedError` (an ``AssertionError``) when ``answer`` imports,
-    subclasses, wraps or calls any of ``references``.
-
-    Args:
-        answer: the student's class, function or instance.
-        references: the reference classes or functions (a module stands for everything it
-            defines).
-        call: optionally a function of no arguments that runs the answer; it runs inside
-            :func:`forbid_calls`, so any call of a reference is caught however it was reached.
-
-    Checks, in order: the answer is not a reference nor a subclass or instance of one; no
-    attribute or submodule of an instance (recursively) is a reference instance; the answer's
-    code (every method, the student's helpers it names, closures, defaults) does not name a
-    reference through globals, attribute chains or imports; finally ``call`` under
-    :func:`forbid_calls`.
-
-    Example:
-        >>> from nfcourse.flows import MaskedAffineCoupling as Reference  # doctest: +SKIP
-        >>> assert_independent(MaskedAffineCoupling, Reference)           # doctest: +SKIP
-    """
-    refs = _expand_references(references)
-    if not refs:
-        raise ValueError("assert_independent needs at least one reference")
-    what = _answer_name(answer)
-
-    def fail(ref: Any, how: str) -> None:
-        raise ReferenceUsedError(
-            f"your {what} uses {_ref_name(ref)} ({how}); write the layer yourself"
-        )
-
-    ref = _is_ref(answer, refs)
-    if ref is not None:
-        fail(ref, "it is the reference itself")
-    if inspect.isclass(answer):
-        for r in refs:
-            if inspect.isclass(r) and _safe_issubclass(answer, r):
-                fail(r, f"{what} subclasses it")
-        for path, r in _held_references(dict(vars(answer)), refs, what, set()):
-            fail(r, f"class attribute {path} is the reference")
-    elif not inspect.isfunction(answer) and not inspect.ismethod(answer):
-        for r in refs:
-            if inspect.isclass(r) and isinstance(answer, r):
-                fail(r, f"it is an instance of {r.__name__} or of a subclass")
-        for path, r in _held_references(answer, refs, what, set()):
-            fail(r, f"{path} holds it")
-        for r in refs:
-            if inspect.isclass(r) and _safe_issubclass(type(answer), r):
-                fail(r, f"{type(answer).__name__} subclasses it")
-    for where, r, line in _code_uses(answer, refs):
-        at = f", line {line}" if line else ""
-        fail(r, f"{where} names it{at}")
-    if call is not None:
-        with forbid_calls(*refs, what=what):
-            call()
-
-
-_PATCHED_METHODS = ("__init__", "forward", "inverse", "__call__")
-
-
-def _reference_called(name: str, what: str | None, log: list[str]) -> ReferenceUsedError:
-    log.append(name)
-    who = f"your {what}" if what else "your code"
-    return ReferenceUsedError(f"{who} calls {name}; write the layer yourself")
-
-
-@contextlib.contextmanager
-def forbid_calls(*references: Any, what: str | None = None) -> Iterator[list[str]]:
-    """Within the block, constructing or calling any of ``references`` raises
-    :class:`ReferenceUsedError`.
-
-    For a reference class, ``__init__``, ``forward``, ``inverse`` and ``__call__`` are replaced
-    (so instances built before the block are caught too, and subclasses as well); for a
-    reference function its code is replaced, so every name bound to it is caught. Everything is
-    put back when the block ends. A call that the answer swallowed with ``try/except`` is still
-    reported when the block ends. The context value is the list of calls seen.
-
-    Example:
-        >>> with forbid_calls(nfcourse.flows.MaskedAffineCoupling):   # doctest: +SKIP
-        ...     answer_layer(x)
-    """
-    refs = _expand_references(references)
-    log: list[str] = []
-    undo: list[Callable[[], None]] = []
-    try:
-        for ref in refs:
-            if inspect.isclass(ref):
-                for attr in _PATCHED_METHODS:
-                    if not hasattr(ref, attr):
-                        continue
-                    name = f"{_ref_name(ref)}{'' if attr == '__call__' else '.' + attr}"
-                    if attr == "__init__":
-                        name = _ref_name(ref)
-
-                    def raiser(*args, _name=name, **kwargs):
-                        raise _reference_called(_name, what, log)
-
-                    original = ref.__dict__.get(attr, _MISSING)
-                    setattr(ref, attr, raiser)
-                    undo.append(_restorer(ref, attr, original))
-            elif inspect.isfunction(ref):
-                undo.append(_swap_code(ref, _ref_name(ref), what, log))
-        yield log
-    finally:
-        for restore in reversed(undo):
-            restore()
-    if log:  # the block ended normally although a reference was called: the answer caught it
-        raise ReferenceUsedError(
-            f"your {what or 'code'} calls {log[0]}; write the layer yourself "
-            "(the error this raised was caught inside the answer)"
-        )
-
-
-def _restorer(cls: type, attr: str, original: Any) -> Callable[[], None]:
-    def restore() -> None:
-        if original is _MISSING:
-            delattr(cls, attr)
-        else:
-            setattr(cls, attr, original)
-
-    return restore
-
-
-_CALL_REGISTRY: dict[int, tuple[str, str | None, list[str]]] = {}
-
-
-def _raise_registered(key: int) -> None:
-    name, what, log = _CALL_REGISTRY[key]
-    raise _reference_called(name, what, log)
-
-
-def _swap_code(func: types.FunctionType, name: str, what: str | None, log: list[str]):
-    """Replace ``func.__code__`` with code that raises; return the undo."""
-    key = id(func)
-    _CALL_REGISTRY[key] = (name, what, log)
-    freevars = func.__code__.co_freevars
-    body = "".join(f"    {v} = None\n" for v in freevars)
-    touch = f"        ({', '.join(freevars)},)\n" if freevars else ""
-    source = (
-        "def _outer():\n" + body + "    def _inner(*args, **kwargs):\n" + touch
-        + f"        __import__({__name__!r}, fromlist=['_']).{_raise_registered.__name__}({key})\n"
-        + "    return _inner\n"
-    )
-    namespace: dict[str, Any] = {}
-    exec(compile(source, f"<forbid_calls {name}>", "exec"), namespace)
-    new_code = namespace["_outer"]().__code__
-    original = func.__code__
-    if new_code.co_freevars != original.co_freevars:
-        del _CALL_REGISTRY[key]
-        return lambda: None
-    func.__code__ = new_code
-
-    def restore() -> None:
-        func.__code__ = original
-        _CALL_REGISTRY.pop(key, None)
-
-    return restore
+                how = "subclasses" if issubclass(answer, ref) else None
+            except TypeError:
+                how = None
+        elif inspect.isclass(ref) and isinstance(answer, ref):
+            how = "is an instance of"
+        if how is not None:
+            short = name.rsplit(".", 1)[-1]
+            return (f"your answer {how} {name}: it will fail when graded, because while this "
+                    f"lesson is graded {short} is not in the package. Write your own.")
+    return None

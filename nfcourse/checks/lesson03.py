@@ -3,8 +3,9 @@
 Each ``check_<exercise>`` prints what is right and what is wrong in plain words and returns
 ``True`` when everything passed; the matching ``<exercise>_problems`` returns the list of
 problems with the answer's behaviour (empty when all is well) and is what the hidden tests
-assert on, next to :func:`~nfcourse.checks.assert_independent`. The self-checks also say
-when an answer uses the reference layer it is asked to write. None of them raises because of
+assert on. The self-checks also say, as advice, when an answer is the reference layer it is
+asked to write (while the lesson is graded that reference is not in the package). None of
+them raises because of
 a student's mistake: an exception in the answer becomes a problem.
 
 Conventions the lesson asks for (and these checks hold answers to):
@@ -31,11 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from nfcourse.checks.core import (
-    ReferenceUsedError,
-    assert_independent,
-    check_flow,
-)
+from nfcourse.checks.core import check_flow, reference_advice
 from nfcourse.checks.reporting import attempt as _try
 from nfcourse.checks.reporting import fast_mode_bar
 from nfcourse.checks.reporting import report_problems as _report
@@ -70,16 +67,28 @@ def bpd_bar(source: str = "mnist") -> float:
 
 
 # --------------------------------------------------------------------------------- helpers
+# The expected masks are computed here, not with the package's reference masks: a grading
+# kernel of this lesson holds no reference answer to compare with (the grading edition).
 def _expected_checkerboard(h: int, w: int, invert: bool) -> Tensor:
-    from nfcourse.flows import checkerboard_mask
+    """The lesson's checkerboard: ``(1, 1, h, w)``, 1 where ``i + j`` is even.
 
-    return checkerboard_mask(h, w, invert, dtype=torch.float32)
+    Example:
+        >>> _expected_checkerboard(2, 2, False).flatten().tolist()
+        [1.0, 0.0, 0.0, 1.0]
+    """
+    even = (torch.arange(h).view(-1, 1) + torch.arange(w).view(1, -1)) % 2 == 0
+    return (even != invert).to(torch.float32).view(1, 1, h, w)
 
 
 def _expected_channel(c: int, invert: bool) -> Tensor:
-    from nfcourse.flows import channel_mask
+    """The lesson's channel mask: ``(1, c, 1, 1)``, the first ``c // 2`` channels 1.
 
-    return channel_mask(c, invert, dtype=torch.float32)
+    Example:
+        >>> _expected_channel(3, False).flatten().tolist()
+        [1.0, 0.0, 0.0]
+    """
+    kept = torch.arange(c) < c // 2
+    return (kept != invert).to(torch.float32).view(1, c, 1, 1)
 
 
 def _mask_problems(name: str, out: Any, expected: Tensor, call: str) -> list[str]:
@@ -101,20 +110,19 @@ def _mask_problems(name: str, out: Any, expected: Tensor, call: str) -> list[str
     return []
 
 
-def _independence(answer: Any, *references: Any) -> list[str]:
-    """A problem when ``answer`` imports, subclasses, wraps or calls a reference layer."""
-    try:
-        assert_independent(answer, *references)
-    except ReferenceUsedError as err:
-        return [f"{err} (an answer built on the reference gets no points)"]
-    return []
+def _independence(answer: Any, *references: str) -> list[str]:
+    """Advice (a one-line list, empty when none) when ``answer`` is, subclasses or is an
+    instance of one of the package's ``references`` (dotted names): for self-checks only."""
+    advice = reference_advice(answer, *references)
+    return [] if advice is None else [advice]
 
 
 # --------------------------------------------------------------------------------- masks
 def checkerboard_mask_problems(checkerboard_mask: Callable[..., Tensor]) -> list[str]:
     """What is wrong with a ``checkerboard_mask(h, w, invert=False)`` answer."""
     problems: list[str] = []
-    for h, w in [(4, 6), (3, 5), (28, 28)]:
+    # every parity of height and width, a single row and column, and the lesson's size
+    for h, w in [(4, 6), (3, 5), (2, 3), (5, 2), (1, 1), (28, 28)]:
         for invert in (False, True):
             call = f"checkerboard_mask({h}, {w}, invert={invert})"
             out = _try(call, lambda h=h, w=w, invert=invert: checkerboard_mask(h, w, invert=invert),
@@ -133,7 +141,8 @@ def checkerboard_mask_problems(checkerboard_mask: Callable[..., Tensor]) -> list
 def channel_mask_problems(channel_mask: Callable[..., Tensor]) -> list[str]:
     """What is wrong with a ``channel_mask(c, invert=False)`` answer."""
     problems: list[str] = []
-    for c in (2, 4, 8):
+    # odd counts always: there c // 2 and ceil(c / 2) differ
+    for c in (2, 3, 4, 5, 8):
         for invert in (False, True):
             call = f"channel_mask({c}, invert={invert})"
             out = _try(call, lambda c=c, invert=invert: channel_mask(c, invert=invert), problems)
@@ -150,17 +159,14 @@ def channel_mask_problems(channel_mask: Callable[..., Tensor]) -> list[str]:
 
 def check_checkerboard_mask(checkerboard_mask: Callable[..., Tensor]) -> bool:
     """Print what is right or wrong with ``checkerboard_mask``; True when all is well."""
-    from nfcourse import flows
-
-    return _report("checkerboard_mask", _independence(checkerboard_mask, flows.checkerboard_mask)
+    return _report("checkerboard_mask",
+                   _independence(checkerboard_mask, "nfcourse.flows.checkerboard_mask")
                    + checkerboard_mask_problems(checkerboard_mask))
 
 
 def check_channel_mask(channel_mask: Callable[..., Tensor]) -> bool:
     """Print what is right or wrong with ``channel_mask``; True when all is well."""
-    from nfcourse import flows
-
-    return _report("channel_mask", _independence(channel_mask, flows.channel_mask)
+    return _report("channel_mask", _independence(channel_mask, "nfcourse.flows.channel_mask")
                    + channel_mask_problems(channel_mask))
 
 
@@ -186,19 +192,34 @@ def _build(cls: type, what: str, problems: list[str], *args: Any, **kwargs: Any)
 
 
 def _masks_for(c: int, h: int, w: int) -> list[tuple[str, Tensor]]:
-    return [
+    """Every mask an image of ``c`` channels allows (a channel mask needs two or more)."""
+    masks = [
         ("a checkerboard mask", _expected_checkerboard(h, w, False)),
         ("an inverted checkerboard mask", _expected_checkerboard(h, w, True)),
-        ("a channel mask", _expected_channel(c, False)),
     ]
+    if c > 1:
+        masks += [("a channel mask", _expected_channel(c, False)),
+                  ("an inverted channel mask", _expected_channel(c, True))]
+    return masks
 
 
 def coupling_problems(coupling_cls: type) -> list[str]:
     """What is wrong with an ``ImageAffineCoupling`` class, checked with a random (non-zero)
     network so that a wrong log-det, inverse or mask cannot hide behind the identity."""
     problems: list[str] = []
-    c, h, w = 2, 4, 4
-    gen = torch.Generator().manual_seed(0)
+    # one channel and several (an odd count, so that a channel mask splits unevenly),
+    # square and non-square images of both parities
+    for c, h, w in ((2, 4, 4), (1, 5, 4), (3, 3, 5)):
+        problems += _coupling_case_problems(coupling_cls, c, h, w)
+        if problems:
+            return problems
+    return problems + _bound_problems(coupling_cls)
+
+
+def _coupling_case_problems(coupling_cls: type, c: int, h: int, w: int) -> list[str]:
+    """:func:`coupling_problems` at one size, for every mask that size allows."""
+    problems: list[str] = []
+    gen = torch.Generator().manual_seed(c * 100 + h * 10 + w)
     x = torch.randn(3, c, h, w, generator=gen)
     for label, mask in _masks_for(c, h, w):
         what = f"ImageAffineCoupling({c}, <{label}>, net=RandomConvNet({c}))"
@@ -229,7 +250,14 @@ def coupling_problems(coupling_cls: type) -> list[str]:
                             "outputs a non-zero log-scale and shift")
         if problems:
             return problems
-    # the bound: a huge network output must still give |s| <= exp(log_scale)
+    return problems
+
+
+def _bound_problems(coupling_cls: type) -> list[str]:
+    """The bound: a huge network output must still give |s| <= exp(log_scale)."""
+    problems: list[str] = []
+    c, h, w = 2, 4, 4
+    x = torch.randn(3, c, h, w, generator=torch.Generator().manual_seed(0))
     mask = _expected_checkerboard(h, w, False)
     what = f"ImageAffineCoupling({c}, <a checkerboard mask>, net=RandomConvNet({c}, gain=100))"
     layer = _build(coupling_cls, what, problems, c, mask, net=RandomConvNet(c, gain=100.0))
@@ -259,12 +287,14 @@ def coupling_problems(coupling_cls: type) -> list[str]:
 def coupling_init_problems(coupling_cls: type) -> list[str]:
     """A freshly built coupling with its default network must be the identity map."""
     problems: list[str] = []
-    for c, mask in [(1, _expected_checkerboard(6, 6, False)), (2, _expected_channel(2, True))]:
+    for c, (h, w), mask in [(1, (6, 5), _expected_checkerboard(6, 5, False)),
+                            (2, (5, 5), _expected_channel(2, True)),
+                            (3, (4, 6), _expected_channel(3, False))]:
         what = f"ImageAffineCoupling({c}, mask, c_hidden=8, num_layers=1)"
         layer = _build(coupling_cls, what, problems, c, mask, c_hidden=8, num_layers=1)
         if layer is None:
             return problems
-        x = torch.randn(4, c, 6, 6, generator=torch.Generator().manual_seed(1))
+        x = torch.randn(4, c, h, w, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             out = _try(f"{what}.forward", lambda layer=layer, x=x: layer(x), problems)
             inv = _try(f"{what}.inverse", lambda layer=layer, x=x: layer.inverse(x), problems)
@@ -285,10 +315,9 @@ def coupling_init_problems(coupling_cls: type) -> list[str]:
 
 
 def coupling_independence(coupling_cls: type) -> list[str]:
-    """A problem when the coupling uses the reference couplings."""
-    from nfcourse import flows
-
-    return _independence(coupling_cls, flows.AffineCoupling, flows.MaskedAffineCoupling)
+    """Advice when the coupling is (or subclasses) a reference coupling."""
+    return _independence(coupling_cls, "nfcourse.flows.AffineCoupling",
+                         "nfcourse.flows.MaskedAffineCoupling")
 
 
 def check_coupling(coupling_cls: type) -> bool:
@@ -322,14 +351,27 @@ def _mask_of(layer: nn.Module, shape: tuple[int, ...]) -> Tensor | None:
 
 
 def simple_flow_problems(build: Callable[..., Any], coupling_cls: type) -> list[str]:
-    """What is wrong with ``build_simple_flow`` (run on small 1x8x8 images)."""
+    """What is wrong with ``build_simple_flow``, run on small images with one channel (the
+    lesson's) and with three (a builder must use the shape it is given), even and odd
+    sizes, an even and an odd number of couplings."""
+    for shape, n in (((1, 8, 8), 4), ((3, 5, 6), 3)):
+        problems = _simple_flow_problems_at(build, coupling_cls, shape, n)
+        if problems:
+            return problems
+    return []
+
+
+def _simple_flow_problems_at(build: Callable[..., Any], coupling_cls: type,
+                             shape: tuple[int, int, int], num_couplings: int) -> list[str]:
+    """:func:`simple_flow_problems` at one image shape and number of couplings."""
     from nfcourse.flows import Dequantization, FlowModel, VariationalDequantization
 
     problems: list[str] = []
-    shape = (1, 8, 8)
-    what = "build_simple_flow(shape=(1, 8, 8), num_couplings=4, c_hidden=8, num_layers=1)"
-    model = _try(what, lambda: build(shape=shape, num_couplings=4, c_hidden=8, num_layers=1),
-                 problems)
+    c, hh, ww = shape
+    what = (f"build_simple_flow(shape={shape}, num_couplings={num_couplings}, c_hidden=8, "
+            "num_layers=1)")
+    model = _try(what, lambda: build(shape=shape, num_couplings=num_couplings, c_hidden=8,
+                                     num_layers=1), problems)
     if model is None:
         return problems
     if not isinstance(model, FlowModel):
@@ -339,17 +381,18 @@ def simple_flow_problems(build: Callable[..., Any], coupling_cls: type) -> list[
         problems.append("the flow must start with a dequantization layer (nfcourse.flows."
                         "Dequantization or VariationalDequantization)")
     couplings = [m for m in model.modules() if isinstance(m, coupling_cls)]
-    if len(couplings) != 4:
-        problems.append(f"asked for num_couplings=4, found {len(couplings)} ImageAffineCoupling "
-                        "layer(s) in the model")
+    if len(couplings) != num_couplings:
+        problems.append(f"{what}: asked for num_couplings={num_couplings}, found "
+                        f"{len(couplings)} ImageAffineCoupling layer(s) in the model")
     masks = [_mask_of(layer, shape) for layer in couplings]
     if couplings and any(m is None for m in masks):
         problems.append("every ImageAffineCoupling must keep its mask as `self.mask`")
     elif couplings:
-        boards = (_expected_checkerboard(8, 8, False), _expected_checkerboard(8, 8, True))
+        boards = (_expected_checkerboard(hh, ww, False), _expected_checkerboard(hh, ww, True))
         for k, m in enumerate(masks):
-            if m.shape != (1, 1, 8, 8) or not any(torch.equal(m, b) for b in boards):
-                problems.append(f"coupling {k} does not use an 8x8 checkerboard mask")
+            if m.shape != (1, 1, hh, ww) or not any(torch.equal(m, b) for b in boards):
+                problems.append(f"{what}: coupling {k} does not use a {hh}x{ww} checkerboard "
+                                "mask")
                 break
         else:
             for k in range(len(masks) - 1):
@@ -396,7 +439,8 @@ def simple_flow_problems(build: Callable[..., Any], coupling_cls: type) -> list[
         gen = torch.Generator().manual_seed(4)
         for layer in couplings:
             for p in layer.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+                if p.requires_grad:  # a frozen parameter (a mask) is not the network's
+                    p.add_(0.05 * torch.randn(p.shape, generator=gen))
         out = _try("model.flow(x)", lambda: seeded(lambda: model.flow(x.float())), problems)
         if out is None:
             return problems
@@ -433,11 +477,9 @@ def simple_flow_problems(build: Callable[..., Any], coupling_cls: type) -> list[
 
 def check_simple_flow(build: Callable[..., Any], coupling_cls: type) -> bool:
     """Print what is right or wrong with ``build_simple_flow``; True when all is well."""
-    from nfcourse import flows
-
     return _report("build_simple_flow",
-                   _independence(build, flows.simple_image_flow, flows.multiscale_flow,
-                                 flows.AffineCoupling, flows.MaskedAffineCoupling)
+                   _independence(build, "nfcourse.flows.simple_image_flow",
+                                 "nfcourse.flows.multiscale_flow")
                    + simple_flow_problems(build, coupling_cls))
 
 

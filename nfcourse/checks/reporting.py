@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from nfcourse.checks.core import ReferenceUsedError, _describe_exception
+from nfcourse.checks.core import _describe_exception
+from nfcourse.removed import ExerciseRemoved
 
 __all__ = ["report_problems", "attempt", "fast_mode_bar"]
 
@@ -44,8 +45,8 @@ def attempt(what: str, fn: Callable[[], Any], problems: list[str]) -> Any:
         return fn()
     except NotImplementedError:
         problems.append(f"{what} raised NotImplementedError: write your answer in its cell")
-    except ReferenceUsedError as err:
-        problems.append(f"{err} (an answer built on the reference gets no points)")
+    except ExerciseRemoved as err:  # the answer reached a reference this lesson grades
+        problems.append(str(err))
     except Exception as exc:  # the answer may raise anything: report it
         problems.append(_describe_exception(what, exc))
     return None

@@ -168,7 +168,9 @@ class FlowModel(nn.Module):
     def loss(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Scalar to minimise: mean bits/dim for image models, mean NLL (nats) otherwise."""
         if self.is_discrete:
-            return self.bits_per_dim(x, context).mean()
+            # written out, not self.bits_per_dim: lesson 02's grading edition has no
+            # bits_per_dim (it is the exercise) but still trains with this loss
+            return -self.log_prob(x, context).mean() / (self.num_dims * math.log(2))
         return -self.log_prob(x, context).mean()
 
     # ----------------------------------------------------------------- sampling

@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", required=True, metavar="PATH")
 
     sub.add_parser("status", help="what is released, submitted, graded")
+
+    p = sub.add_parser("similarity", help="similarity of answer cells for plagiarism review "
+                       "(HTML/JSON/CSV in grading/reports/LESSON/; never scored)")
+    p.add_argument("lesson")
+    p.add_argument("--threshold", type=float, default=0.6,
+                   help="share of an answer found elsewhere that lists a pair for review "
+                   "(default: 0.6)")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="pairs to print")
     return parser
 
 
@@ -85,10 +93,14 @@ def _print_status(course: Course) -> None:
               f"{len(row.autograded)} autograded, {len(row.feedback)} with feedback")
         for student, total in sorted(row.totals.items()):
             print(f"    {student:20s} {total:g} / {row.max_score:g}")
+        for student, reason in sorted(row.failed.items()):
+            print(f"    {student:20s} graded 0 / {row.max_score:g}, needs a look: {reason}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``nfcourse grade``; returns the exit status."""
+    """Entry point of ``nfcourse grade``; returns the exit status: 0, 1 for an error that
+    stopped the command, 2 when ``autograde`` could not grade some submissions (every other
+    one is graded and printed)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s")
     logging.getLogger("nfcourse.grade").setLevel(logging.INFO if args.verbose else logging.WARNING)
@@ -98,21 +110,25 @@ def main(argv: list[str] | None = None) -> int:
             for lesson in commands.release(course, args.lesson):
                 print(f"released {course.release_dir / lesson}")
         elif args.command == "collect":
-            copied = commands.collect(
+            collected = commands.collect(
                 course, args.lesson, args.source, pattern=args.pattern, overwrite=not args.keep
             )
-            for student, path in copied.items():
+            for student, path in collected.items():
                 print(f"{student}: {path}")
-            if not copied:
+            for student in collected.kept:
+                print(f"{student}: kept the earlier submission (--keep)")
+            for entry, why in collected.skipped.items():
+                print(f"skipped {entry}: {why}", file=sys.stderr)
+            if not collected.copied and not collected.kept:
                 print("nothing collected", file=sys.stderr)
                 return 1
         elif args.command == "autograde":
-            graded = commands.autograde(course, args.lesson, args.student, force=args.force,
+            result = commands.autograde(course, args.lesson, args.student, force=args.force,
                                         workers=args.workers, unsandboxed=args.unsandboxed)
-            if not graded:
+            if not result.graded and not result.failed:
                 print(f"no submissions of {args.lesson}", file=sys.stderr)
                 return 1
-            for student in graded:
+            for student in result.graded:
                 try:
                     cells = commands.scores(course, args.lesson, student)
                 except Exception:  # noqa: BLE001  (nbgrader skipped an already graded one)
@@ -123,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
                 record = commands.verification(course, args.lesson, student) or {}
                 for note in record.get("review", [])[:5]:
                     print(f"    to review: {note}")
+            for student, reason in result.failed.items():
+                print(f"{student}: NOT GRADED (graded 0, needs a look): {reason}")
+            if result.failed:
+                print(f"{len(result.failed)} of {len(result.graded) + len(result.failed)} "
+                      "submissions could not be graded", file=sys.stderr)
+                return 2
         elif args.command == "feedback":
             for path in commands.feedback(course, args.lesson, args.student):
                 print(path)
@@ -130,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             print(commands.export_csv(course, args.csv))
         elif args.command == "status":
             _print_status(course)
+        elif args.command == "similarity":
+            from nfcourse.grade.similarity import similarity_report, summary_lines
+
+            report = similarity_report(course, args.lesson, threshold=args.threshold)
+            print("\n".join(summary_lines(report, top=args.top)))
     except (GradeError, FileNotFoundError) as error:
         print(f"nfcourse grade: {error}", file=sys.stderr)
         return 1

@@ -29,11 +29,15 @@ import nbformat
 from traitlets.config import Config
 
 from nfcourse.grade.config import find_course_root, kernel_env, lesson_timeout, load_config, setenv
+from nfcourse.grade.failures import clear_failure, read_failure, write_failure
+from nfcourse.grade.submission import SubmissionError, check_submission, student_id_problem
 
 __all__ = [
     "Course",
     "GradeError",
     "CellScore",
+    "AutogradeResult",
+    "CollectResult",
     "release",
     "verification",
     "ensure_gradebook",
@@ -47,6 +51,7 @@ __all__ = [
     "collect",
     "status",
     "scores",
+    "failure",
 ]
 
 log = logging.getLogger("nfcourse.grade")
@@ -298,12 +303,14 @@ def sandbox_problems(course: Course) -> list[str]:
     return isolation_problems()
 
 
-def _check_isolation(course: Course, unsandboxed: bool) -> Config:
-    """The grading config: sandboxed, or refused, or (explicitly) not sandboxed."""
+def _check_isolation(course: Course, unsandboxed: bool, *, quiet: bool = False) -> Config:
+    """The grading config: sandboxed, or refused, or (explicitly) not sandboxed (said once,
+    by the caller that drives the class, not by every worker: ``quiet``)."""
     config = copy.deepcopy(course.config)
     if unsandboxed:
-        log.warning("grading WITHOUT a sandbox (--unsandboxed): submissions run with your "
-                    "permissions and can read and change your files")
+        if not quiet:
+            log.warning("grading WITHOUT a sandbox (--unsandboxed): submissions run with "
+                        "your permissions and can read and change your files")
         config.SandboxedKernelManager.enabled = False
         return config
     problems = sandbox_problems(course)
@@ -325,28 +332,59 @@ def _autograde_one(course: Course, lesson: str, student: str | None, config: Con
         _run(Autograde, course, coursedir, config, force=force, create_student=True)
 
 
-def _worker_init(devices) -> None:
-    """Give each worker process one GPU when there are several (round robin)."""
-    if devices is None:
-        return
-    try:
-        device = devices.get_nowait()
-    except Exception:  # noqa: BLE001  (more workers than GPUs: share them)
-        return
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(device)
+@dataclass
+class AutogradeResult:
+    """What :func:`autograde` did: ``graded`` students (in order), ``failed`` ones with the
+    reason (``{student: reason}``; each is recorded as "graded 0 / needs a look"), the
+    grading workers' peak resident memory (MB, their own, not their kernels') and the
+    seconds each submission took. Iterating gives the graded students."""
+
+    graded: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    peak_mb: float = 0.0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def __iter__(self):
+        return iter(self.graded)
+
+    def __len__(self) -> int:
+        return len(self.graded)
 
 
-def _worker_grade(root: str, db_url: str | None, lesson: str, student: str, force: bool,
-                  unsandboxed: bool) -> tuple[str, str | None]:
-    """One submission, in a worker process; returns (student, error or None)."""
+def _short_reason(error: str) -> str:
+    """The line of a GradeError that says what went wrong: the last exception in nbgrader's
+    log (``ValueError: ...``), else the error's first line."""
+    lines = error.splitlines()
+    for line in reversed(lines):
+        match = re.match(r"^([A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)): (.+)", line)
+        if match:
+            return f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(3)}"[:300]
+    return (lines[0] if lines else "unknown error")[:300]
+
+
+def _grade_in_worker(root: str, db_url: str | None, lesson: str, student: str, force: bool,
+                     unsandboxed: bool, verbose: bool) -> dict:
+    """Grade one submission by its exact id; runs in a worker process
+    (:mod:`nfcourse.grade.workers`). Returns ``{"error": reason or None, "log": ...}``."""
     _quiet_warnings()
+    logging.basicConfig(format="%(message)s")
+    log.setLevel(logging.INFO if verbose else logging.WARNING)
+    course = Course(root, db_url=db_url)
+    notebook = course.submitted_dir / student / lesson / f"{lesson}.ipynb"
     try:
-        course = Course(root, db_url=db_url)
-        config = _check_isolation(course, unsandboxed)
+        check_submission(notebook)
+    except SubmissionError as error:
+        return {"error": str(error), "log": ""}
+    config = _check_isolation(course, unsandboxed, quiet=True)
+    try:
         _autograde_one(course, lesson, student, config, force)
-    except Exception as error:  # noqa: BLE001  (reported per student by the parent)
-        return student, f"{type(error).__name__}: {error}"
-    return student, None
+    except GradeError as error:
+        return {"error": _short_reason(str(error)), "log": str(error)}
+    return {"error": None, "log": ""}
 
 
 def _gpu_count() -> int:
@@ -358,6 +396,52 @@ def _gpu_count() -> int:
         return 0
 
 
+def _worker_memory_mb(course: Course) -> int:
+    """The cap of one grading worker: the grader's own share
+    (``NfcourseGrade.grader_memory_mb``) plus the kernel's cap, as the kernel's cgroup nests
+    in the worker's (see :mod:`nfcourse.grade.workers`)."""
+    from nfcourse.grade.sandbox import Limits
+
+    own = int(course.config.NfcourseGrade.get("grader_memory_mb", 2048))
+    kernel = int(course.config.SandboxedKernelManager.get("memory_mb", Limits.memory_mb))
+    return own + kernel
+
+
+def _job_timeout(course: Course, lesson: str) -> float:
+    """Seconds one submission may take in all before its worker is stopped: the notebook's
+    budget (or every cell at its limit, when there is none) plus time for the check."""
+    budget = int(course.config.GradingExecute.get("notebook_timeout", 0) or 0)
+    if not budget:
+        budget = 60 * lesson_timeout(course.config, lesson)
+    return float(budget + 900)
+
+
+def _record_failure(course: Course, lesson: str, student: str, reason: str, log_text: str
+                    ) -> None:
+    """Write the failure record and make the gradebook say 0 for the submission, flagged
+    for manual grading (nbgrader's own "needs a look")."""
+    write_failure(course.autograded_dir / student / lesson, student, lesson, reason, log_text)
+    try:
+        with warnings.catch_warnings(), course.gradebook() as gb:
+            _quiet_warnings()
+            gb.update_or_create_student(student)
+            submission = gb.update_or_create_submission(lesson, student)
+            for notebook in submission.notebooks:
+                for grade in notebook.grades:
+                    grade.auto_score = 0
+                    grade.manual_score = None
+                    grade.needs_manual_grade = True
+            gb.db.commit()
+    except Exception as error:  # noqa: BLE001  (the record above still says it failed)
+        log.warning("could not mark %s's %s as 0 in the gradebook: %s", student, lesson, error)
+
+
+def failure(course: Course, lesson: str, student: str) -> str | None:
+    """Why ``student``'s ``lesson`` could not be graded, or None when it was not a failure."""
+    record = read_failure(course.autograded_dir / student / lesson)
+    return record["reason"] if record else None
+
+
 def autograde(
     course: Course,
     lesson: str,
@@ -366,17 +450,30 @@ def autograde(
     force: bool = False,
     workers: int = 1,
     unsandboxed: bool = False,
-) -> list[str]:
+) -> AutogradeResult:
     """Execute and score the submissions of ``lesson`` (one ``student`` or all of them).
 
     Each submission's kernel runs in a sandbox (:mod:`nfcourse.grade.sandbox`) with the
     lesson's cell timeout and the grading kernel environment (fast mode, no progress bars)
     from the config; grading refuses to run where isolation is impossible unless
-    ``unsandboxed=True``. ``workers > 1`` grades that many submissions at once, each in its
-    own process (one GPU each when there are several); it needs a gradebook that takes
-    concurrent writers (PostgreSQL: ``Course(db_url=...)``). Returns the students graded;
-    raises :class:`GradeError` naming every submission that could not be graded.
+    ``unsandboxed=True``. Every submission is graded by its exact id in a memory-capped
+    worker process (:mod:`nfcourse.grade.workers`); ``workers > 1`` grades that many at
+    once (one GPU each when there are several) and needs a gradebook that takes concurrent
+    writers (PostgreSQL: ``Course(db_url=...)``).
+
+    A submission that cannot be graded (unreadable, an invalid student id, a grader that
+    crashed or ran out of memory on it) is failed with the reason, recorded as "graded 0 /
+    needs a look" (:func:`failure`, ``status``, the CSV), and the others are graded anyway.
+    Raises :class:`GradeError` only for what stops the whole class (no such lesson or
+    submission, no sandbox, SQLite with several workers).
+
+    Example:
+        >>> result = autograde(Course(), "01_two_moons_realnvp")   # doctest: +SKIP
+        >>> result.graded, result.failed                          # doctest: +SKIP
+        (['alice'], {'bob': 'bob is not valid JSON (the file is cut off): ...'})
     """
+    from nfcourse.grade.workers import Job, shared_pool
+
     lesson = course.check_lesson(lesson)
     students = [student] if student else course.students(lesson)
     missing = [s for s in students if not (course.submitted_dir / s / lesson).is_dir()]
@@ -392,35 +489,48 @@ def autograde(
             f"--workers {workers} needs a gradebook that takes concurrent writers, PostgreSQL: "
             "pass --db postgresql://USER@HOST/DB (SQLite, nbgrader's default, is for one "
             "worker)")
-    config = _check_isolation(course, unsandboxed)
+    _check_isolation(course, unsandboxed)
+    result = AutogradeResult()
     if not students:
-        return []
+        return result
     ensure_gradebook(course, lesson)
-    if workers == 1 or len(students) == 1:
-        _autograde_one(course, lesson, student, config, force)
-        return students
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    context = multiprocessing.get_context("spawn")
-    gpus = _gpu_count()
-    devices = None
+    logs: dict[str, str] = {}
+    todo = []
+    for name in students:
+        problem = student_id_problem(name)
+        if problem:  # nbgrader would read it as a glob pattern (alic? matches alice)
+            result.failed[name] = problem
+            continue
+        clear_failure(course.autograded_dir / name / lesson)
+        todo.append(name)
+    size = min(workers, len(todo)) or 1
+    slot_env = [{} for _ in range(size)]
+    gpus = _gpu_count() if size > 1 else 0
     if gpus > 1:
-        devices = context.Manager().Queue()
-        for k in range(workers):
-            devices.put(k % gpus)
-    failures = {}
-    with ProcessPoolExecutor(max_workers=min(workers, len(students)), mp_context=context,
-                             initializer=_worker_init, initargs=(devices,)) as pool:
-        futures = [pool.submit(_worker_grade, str(course.root), course.db_url, lesson, s,
-                               force, unsandboxed) for s in students]
-        for future in futures:
-            name, error = future.result()
-            if error is not None:
-                failures[name] = error
-    if failures:
-        raise GradeError("could not grade: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
-    return students
+        slot_env = [{"CUDA_VISIBLE_DEVICES": str(k % gpus)} for k in range(size)]
+    jobs = [Job(name, "nfcourse.grade.commands:_grade_in_worker", {
+        "root": str(course.root), "db_url": course.db_url, "lesson": lesson, "student": name,
+        "force": force, "unsandboxed": unsandboxed,
+        "verbose": log.isEnabledFor(logging.INFO)}) for name in todo]
+    done: set[str] = set()
+    if jobs:
+        pool = shared_pool(size, _worker_memory_mb(course), slot_env)
+        for outcome in pool.run(jobs, timeout=_job_timeout(course, lesson)):
+            result.peak_mb = max(result.peak_mb, outcome.peak_mb)
+            result.seconds[outcome.key] = outcome.seconds
+            value = outcome.value if isinstance(outcome.value, dict) else {}
+            error = outcome.error or value.get("error")
+            if error:
+                result.failed[outcome.key] = error
+                logs[outcome.key] = value.get("log", "")
+            else:
+                done.add(outcome.key)
+    result.graded = [name for name in todo if name in done]
+    for name, reason in result.failed.items():
+        if name not in (".", "..") and "/" not in name and "\0" not in name:
+            _record_failure(course, lesson, name, reason, logs.get(name, ""))
+        log.warning("%s: not graded: %s", name, reason)
+    return result
 
 
 def feedback(course: Course, lesson: str, student: str | None = None) -> list[Path]:
@@ -428,8 +538,12 @@ def feedback(course: Course, lesson: str, student: str | None = None) -> list[Pa
     from nbgrader.converters import GenerateFeedback
 
     lesson = course.check_lesson(lesson)
+    problem = student_id_problem(student) if student else None
+    if problem:  # nbgrader would read it as a glob pattern
+        raise GradeError(problem)
     ensure_gradebook(course, lesson)
-    if not any((course.autograded_dir / s / lesson).is_dir() for s in course.students(lesson)):
+    if not any((course.autograded_dir / s / lesson / f"{lesson}.ipynb").is_file()
+               for s in course.students(lesson)):
         raise GradeError(f"nothing autograded for {lesson} yet (run `nfcourse grade autograde`)")
     coursedir = course.coursedir(assignment_id=lesson, student_id=student or "*")
     _run(GenerateFeedback, course, coursedir, force=True)
@@ -438,7 +552,11 @@ def feedback(course: Course, lesson: str, student: str | None = None) -> list[Pa
 
 
 def export_csv(course: Course, path: str | os.PathLike) -> Path:
-    """Every student's score on every lesson, as nbgrader's CSV."""
+    """Every student's score on every lesson, as nbgrader's CSV plus two columns: ``status``
+    (``graded``, ``needs a look`` for a submission that could not be graded, scored 0, or
+    ``not graded``) and ``reason`` (why it needs a look)."""
+    import csv
+
     from nbgrader.plugins import CsvExportPlugin
 
     path = Path(path).resolve()
@@ -447,10 +565,62 @@ def export_csv(course: Course, path: str | os.PathLike) -> Path:
     plugin.to = str(path)
     with course.gradebook() as gb:
         plugin.export(gb)
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+        fields = list(rows[0]) if rows else []
+    if not fields:
+        return path
+    for row in rows:
+        lesson, student = row.get("assignment", ""), row.get("student_id", "")
+        folder = course.autograded_dir / student / lesson
+        reason = failure(course, lesson, student) if lesson and student else None
+        if reason is not None:
+            row["status"], row["reason"] = "needs a look", reason
+            for key in ("raw_score", "score"):
+                if key in row:
+                    row[key] = "0.0"
+        elif (folder / f"{lesson}.ipynb").is_file():
+            row["status"], row["reason"] = "graded", ""
+        else:
+            row["status"], row["reason"] = "not graded", ""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".nfcourse-", suffix=".csv")
+    with os.fdopen(fd, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*fields, "status", "reason"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
     return path
 
 
-_DEFAULT_STUDENT_PATTERN = r"^(?P<student>[A-Za-z0-9][A-Za-z0-9.@-]*)"
+# Everything before the first "_" (alice_01_two_moons_realnvp.ipynb); the id is then checked
+# against [A-Za-z0-9._-] and refused, with the reason, when it has anything else.
+_DEFAULT_STUDENT_PATTERN = r"^(?P<student>[^_]+)"
+
+
+@dataclass
+class CollectResult:
+    """What :func:`collect` did: ``copied`` (``{student: notebook}``), ``skipped``
+    (``{entry in the download folder: why it was refused}``), ``kept`` (students whose
+    earlier submission was kept). Iterating, ``items()`` and ``in`` work on ``copied``."""
+
+    copied: dict[str, Path] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    kept: list[str] = field(default_factory=list)
+
+    def items(self):
+        return self.copied.items()
+
+    def __iter__(self):
+        return iter(self.copied)
+
+    def __len__(self) -> int:
+        return len(self.copied)
+
+    def __contains__(self, student) -> bool:
+        return student in self.copied
+
+    def __getitem__(self, student: str) -> Path:
+        return self.copied[student]
 
 
 def collect(
@@ -460,7 +630,7 @@ def collect(
     *,
     pattern: str = _DEFAULT_STUDENT_PATTERN,
     overwrite: bool = True,
-) -> dict[str, Path]:
+) -> CollectResult:
     """Copy downloaded submissions into ``grading/submitted/STUDENT/LESSON/LESSON.ipynb``.
 
     ``source`` is a folder as an LMS download leaves it, either
@@ -471,58 +641,63 @@ def collect(
       (a regular expression with a ``student`` group; default: everything before the first
       ``_``, as in ``alice_01_two_moons_realnvp.ipynb``).
 
-    The file's modification time becomes nbgrader's submission timestamp. Returns
-    ``{student: copied notebook}``.
+    Symbolic links are never followed (each is refused and named), nothing is read from
+    outside ``source``, and a student id must match ``[A-Za-z0-9._-]+`` (not ``.`` or
+    ``..``). The file's modification time becomes nbgrader's submission timestamp.
+
+    Example:
+        >>> result = collect(Course(), "01_two_moons_realnvp", "downloads")  # doctest: +SKIP
+        >>> dict(result.items()), result.skipped                             # doctest: +SKIP
+        ({'alice': PosixPath('.../alice/01_two_moons_realnvp/01_two_moons_realnvp.ipynb')},
+         {'alic?': "student id 'alic?' has characters other than letters, ..."})
     """
+    from nfcourse.grade.downloads import copy_notebook, scan
+
     lesson = course.check_lesson(lesson)
-    source = Path(source)
-    if not source.is_dir():
-        raise GradeError(f"{source} is not a folder")
-    regexp = re.compile(pattern)
-    found: dict[str, Path] = {}
-
-    def pick(notebooks: list[Path]) -> Path | None:
-        named = [p for p in notebooks if p.stem == lesson]
-        if named:
-            return named[0]
-        return notebooks[0] if len(notebooks) == 1 else None
-
-    def notebooks_in(folder: Path) -> list[Path]:
-        return sorted(
-            p for p in folder.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts
-        )
-
-    for entry in sorted(source.iterdir()):
-        if entry.is_dir() and not entry.name.startswith("."):
-            chosen = pick(notebooks_in(entry))
-            if chosen is None:
-                log.warning("skipping %s: no single notebook for %s in it", entry, lesson)
-                continue
-            found[entry.name] = chosen
-        elif entry.suffix == ".ipynb":
-            match = regexp.search(entry.stem)
-            if not match:
-                log.warning("skipping %s: no student id matches %r", entry, pattern)
-                continue
-            student = match.group("student")
-            if student in found:
-                raise GradeError(f"two notebooks for student {student!r} in {source}")
-            found[student] = entry
-    copied = {}
-    for student, notebook in found.items():
+    given = Path(source)
+    if not given.is_dir():
+        raise GradeError(f"{given} is not a folder")
+    try:
+        regexp = re.compile(pattern)
+    except re.error as error:
+        raise GradeError(f"--pattern {pattern!r} is not a regular expression: {error}") from None
+    if "student" not in regexp.groupindex:
+        raise GradeError(f"--pattern {pattern!r} has no (?P<student>...) group")
+    root = given.resolve()  # the folder the instructor named may itself be a link
+    found, skipped = scan(root, lesson, regexp)
+    result = CollectResult(skipped=skipped)
+    for student, relative in found.items():
+        real = Path(os.path.realpath(root / relative))
+        if root not in real.parents:
+            result.skipped[relative] = "resolves outside the download folder"
+            continue
         dest_dir = course.submitted_dir / student / lesson
-        if dest_dir.exists():
-            if not overwrite:
-                log.warning("keeping the existing submission of %s", student)
+        if dest_dir.exists() and not overwrite:
+            log.warning("keeping the existing submission of %s", student)
+            result.kept.append(student)
+            continue
+        # Copied into a hidden folder beside the destination, then moved in: an earlier
+        # submission is replaced only by a complete new one.
+        dest_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".collect-", dir=dest_dir.parent))
+        try:
+            dest = staging / f"{lesson}.ipynb"
+            try:
+                mtime = copy_notebook(root, relative, dest)
+            except OSError as error:
+                result.skipped[relative] = f"not copied: {error.strerror or error}"
                 continue
-            shutil.rmtree(dest_dir)
-        dest_dir.mkdir(parents=True)
-        dest = dest_dir / f"{lesson}.ipynb"
-        shutil.copyfile(notebook, dest)
-        stamp = datetime.fromtimestamp(notebook.stat().st_mtime, tz=timezone.utc)
-        (dest_dir / "timestamp.txt").write_text(stamp.strftime("%Y-%m-%d %H:%M:%S.%f %Z"))
-        copied[student] = dest
-    return copied
+            stamp = datetime.fromtimestamp(mtime, tz=timezone.utc)
+            (staging / "timestamp.txt").write_text(stamp.strftime("%Y-%m-%d %H:%M:%S.%f %Z"))
+            if dest_dir.exists():
+                shutil.rmtree(dest_dir)
+            os.replace(staging, dest_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        result.copied[student] = dest_dir / f"{lesson}.ipynb"
+    for entry, why in result.skipped.items():
+        log.warning("skipped %s: %s", entry, why)
+    return result
 
 
 def scores(course: Course, lesson: str, student: str) -> dict[str, CellScore]:
@@ -561,6 +736,7 @@ class LessonStatus:
     autograded: list[str] = field(default_factory=list)
     feedback: list[str] = field(default_factory=list)
     totals: dict[str, float] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # student -> why: graded 0, needs a look
 
 
 def status(course: Course, lessons: Iterable[str] | None = None) -> list[LessonStatus]:
@@ -573,8 +749,14 @@ def status(course: Course, lessons: Iterable[str] | None = None) -> list[LessonS
         current = course.has_gradebook() and gradebook_is_current(course, lesson)
         row = LessonStatus(lesson, released, current)
         row.submitted = course.students(lesson)
+        for s in row.submitted:
+            reason = failure(course, lesson, s)
+            if reason is not None:
+                row.failed[s] = reason
         row.autograded = [
-            s for s in row.submitted if (course.autograded_dir / s / lesson).is_dir()
+            s for s in row.submitted
+            if s not in row.failed
+            and (course.autograded_dir / s / lesson / f"{lesson}.ipynb").is_file()
         ]
         row.feedback = [s for s in row.submitted if (course.feedback_dir / s / lesson).is_dir()]
         if not course.has_gradebook():

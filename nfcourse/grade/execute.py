@@ -22,21 +22,23 @@ import copy
 import json
 import os
 import queue
-import secrets
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import zmq
 from jupyter_core.utils import ensure_async, run_sync
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from nbformat import NotebookNode
 from nbgrader.preprocessors import Execute
 from nbgrader.utils import is_grade
 from traitlets import Bool, Float, Integer
+from zmq.utils.monitor import recv_monitor_message
 
 from nfcourse.grade.kernel import SandboxedKernelManager
 from nfcourse.grade.verify import Oracle, OracleError, Verdict, verifier_for
+from nfcourse.grade.verify.base import submission_seed
 
 __all__ = ["GradingExecute", "VERIFICATION_FILE"]
 
@@ -60,10 +62,20 @@ class GradingExecute(Execute):
         config=True)
     verify_timeout = Integer(120, help="Seconds for one query of the independent check.").tag(
         config=True)
+    verify_budget = Integer(
+        300, help="Seconds for the whole independent check (0: no limit). Past it the kernel "
+        "is killed and every exercise not yet decided fails.").tag(config=True)
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("kernel_manager_class", SandboxedKernelManager)
         super().__init__(*args, **kwargs)
+
+    def create_kernel_manager(self):
+        """nbclient's, plus the lesson being graded (its edition is bound in the sandbox)."""
+        km = super().create_kernel_manager()
+        if hasattr(km, "lesson"):
+            km.lesson = getattr(self, "_lesson", "")
+        return km
 
     # -- output cap ---------------------------------------------------------------------
     def output(self, outs, msg, display_id, cell_index):
@@ -89,6 +101,10 @@ class GradingExecute(Execute):
         self.shutdown_kernel = "immediate"
         self.reset_execution_trackers()
         self._check_assign_resources(resources)
+        # the kernel gets the lesson's grading edition of nfcourse (no answers in it)
+        self._lesson = (resources or {}).get("nbgrader", {}).get("assignment", "")
+        if km is not None and hasattr(km, "lesson"):
+            km.lesson = self._lesson
         self._output_bytes, self._truncated = 0, set()
         start = time.monotonic()
         cells = self.nb.cells
@@ -97,6 +113,7 @@ class GradingExecute(Execute):
         while True:
             died = False
             with self.setup_kernel():
+                self._watch_iopub()
                 info = self.wait_for_reply(self.kc.kernel_info())
                 self.nb.metadata["language_info"] = info["content"]["language_info"]
                 if restarts:
@@ -115,6 +132,12 @@ class GradingExecute(Execute):
                         what = ("died while running this cell (it exited, crashed, or went "
                                 "over the memory limit)" if isinstance(error, DeadKernelError)
                                 else "stopped answering while running this cell")
+                        if self._iopub_dropped():
+                            limit = getattr(self.km, "max_message_mb", 0)
+                            cell.outputs.append(NotebookNode(
+                                output_type="stream", name="stderr",
+                                text=f"[output cut: the cell sent a message over the grader's "
+                                     f"{limit:g} MB limit, which dropped its connection]\n"))
                         cell.outputs.append(_error("KernelDied", (
                             f"the kernel {what}. The cells after it ran in a fresh kernel "
                             "that first re-ran the cells above.")))
@@ -142,6 +165,30 @@ class GradingExecute(Execute):
             self._apply(verdicts)
         return self.nb, self.resources
 
+    # -- the grader's sockets (limits set by SandboxedKernelManager.limit_sockets) -------
+    def _watch_iopub(self) -> None:
+        """Watch the iopub socket for a dropped connection: ZeroMQ drops it when a frame is
+        over ``max_message_mb``, and the cell then only looks like a hung kernel."""
+        self._iopub_monitor = None
+        socket = getattr(getattr(self.kc, "iopub_channel", None), "socket", None)
+        if socket is None:
+            return
+        monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # a blocking shadow of the (asyncio) monitor socket, polled without waiting
+        self._iopub_monitor = zmq.Socket.shadow(monitor.underlying)
+        self._iopub_monitor_owner = monitor
+
+    def _iopub_dropped(self) -> bool:
+        """True when the iopub connection was dropped since :meth:`_watch_iopub`."""
+        monitor = getattr(self, "_iopub_monitor", None)
+        if monitor is None:
+            return False
+        dropped = False
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)
+            dropped = dropped or event["event"] == zmq.EVENT_DISCONNECTED
+        return dropped
+
     def _kill_strays(self) -> None:
         kill = getattr(self.km, "kill_strays", None)
         if kill is not None:
@@ -165,7 +212,30 @@ class GradingExecute(Execute):
     def _query(self, code: str, timeout: float) -> str:
         return run_sync(self._async_query)(code, timeout)
 
+    def _budget_spent(self) -> str:
+        return (f"the independent check used up its {self.verify_budget} s budget (the "
+                "kernel stopped answering; it was killed)")
+
+    async def _kill_for_budget(self) -> None:
+        """Kill the kernel outright (a kernel that ignores SIGINT outlives an interrupt):
+        every later query then fails at once with :meth:`_budget_spent`."""
+        self._budget_killed = True
+        kill = getattr(self.km, "kill_sandbox", None)
+        if kill is not None and kill():
+            return
+        await ensure_async(self.km.shutdown_kernel(now=True))
+
     async def _async_query(self, code: str, timeout: float) -> str:
+        # The check's total budget: a query gets at most what is left of it.
+        budget_end = getattr(self, "_budget_end", None)
+        if getattr(self, "_budget_killed", False):
+            raise OracleError(self._budget_spent())
+        left = None if budget_end is None else budget_end - time.monotonic()
+        if left is not None and left <= 0:
+            await self._kill_for_budget()
+            raise OracleError(self._budget_spent())
+        by_budget = left is not None and left < timeout
+        timeout = min(timeout, left) if by_budget else timeout
         kc = self.kc
         msg_id = kc.execute(code, silent=False, store_history=False, allow_stdin=False,
                             stop_on_error=False)
@@ -174,6 +244,9 @@ class GradingExecute(Execute):
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if by_budget:
+                    await self._kill_for_budget()
+                    raise OracleError(self._budget_spent())
                 await ensure_async(self.km.interrupt_kernel())
                 raise OracleError(f"no answer within {timeout:.0f} s")
             try:
@@ -198,12 +271,15 @@ class GradingExecute(Execute):
         verifier = verifier_for(lesson) if self.verify else None
         if verifier is None:
             return None
-        seed = secrets.randbits(63)
         sources = [c.source for c in self.nb.cells
                    if c.cell_type == "code" and not is_grade(c)]
+        # from the submission itself: grading it again gives the same inputs and verdict
+        seed = submission_seed(lesson, sources)
         alive = kernel and self.kc is not None
         oracle = Oracle(self._query, timeout=self.verify_timeout) if alive else None
         started = time.monotonic()
+        self._budget_killed = False
+        self._budget_end = started + self.verify_budget if self.verify_budget else None
         verdicts = verifier.run(oracle, sources, np.random.default_rng(seed))
         self._record(resources, lesson, seed, verdicts, time.monotonic() - started,
                      verifier.review(sources))

@@ -5,7 +5,9 @@ A :class:`Sandbox` turns a command into one that runs inside
 * **bubblewrap** (``bwrap``, Debian package ``bubblewrap``): new mount, PID, network, IPC,
   UTS and user namespaces. The filesystem is empty except for what grading binds in: the
   interpreter, the virtual environment and the ``nfcourse`` package read-only, the data
-  folder read-only, the submission's own folder read-write, a size-limited ``/tmp``. The
+  folder read-only, the submission's own folder (a size-limited tmpfs the sandbox fills with
+  a copy of the submission's files when it starts: nothing it writes there reaches the host's
+  disk), a size-limited ``/tmp``. The
   course (``solutions/``, the gradebook, other submissions) and the instructor's home are
   simply not there. The network namespace has only its own loopback: no connection leaves
   it. The environment is cleared and rebuilt from an allow-list.
@@ -26,12 +28,14 @@ Example:
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -42,9 +46,13 @@ __all__ = [
     "Limits",
     "Sandbox",
     "SandboxUnavailable",
+    "blocker_for",
     "isolation_problems",
     "python_paths",
 ]
+
+#: Where a sandbox with a ``seed`` sees that folder (read-only) to copy it into its workdir.
+SEED_MOUNT = "/run/nfcourse-seed"
 
 # Files of /etc a Python process needs; /etc as a whole holds secrets (shadow, ssh keys).
 ETC_FILES = (
@@ -68,7 +76,9 @@ class Limits:
     ``memory_mb`` caps resident memory (the kernel is killed past it); ``processes`` caps
     processes and threads together; ``cpus`` is the CPU share (1.0 = one core); ``tmp_mb``
     is the size of ``/tmp``; ``file_mb`` the largest file it may write; ``output_mb`` what a
-    notebook may print in all (enforced by the grading kernel's reader, not here).
+    notebook may print in all (enforced by the grading kernel's reader, not here);
+    ``work_mb`` is the size of the working folder when it is a tmpfs (``Sandbox.seed``).
+    tmpfs pages count against ``memory_mb`` too (the kernel's cgroup is charged for them).
     """
 
     memory_mb: int = 3072
@@ -78,6 +88,7 @@ class Limits:
     file_mb: int = 64
     open_files: int = 1024
     output_mb: float = 2.0
+    work_mb: int = 256
 
 
 # ------------------------------------------------------------------------ what is available
@@ -231,6 +242,54 @@ def _kill(pids: Sequence[int]) -> int:
 
 
 # ----------------------------------------------------------------------------- the sandbox
+def _seed_copy() -> list[str]:
+    """A shell prefix, run inside the sandbox in its workdir, that copies the regular files
+    (not links, not folders) of :data:`SEED_MOUNT` there, then execs the rest of argv. A copy
+    that does not fit the tmpfs stops at its size; the kernel starts anyway (the grader sends
+    the notebook's cells itself; only files the notebook opens are missing)."""
+    script = (f'for f in {SEED_MOUNT}/* {SEED_MOUNT}/.[!.]*; do '
+              'if [ -f "$f" ] && [ ! -L "$f" ]; then cp "$f" . 2>/dev/null || break; fi; '
+              'done; exec "$@"')
+    return ["/bin/sh", "-c", script, "nfcourse-seed"]
+
+
+def blocker_for(path: Path) -> Path:
+    """A read-only stand-in for a hidden package folder (or module file): a folder whose
+    ``__init__.py`` (or a file that) raises ``ModuleNotFoundError`` when imported.
+
+    An empty folder would not do: Python imports it as an empty namespace package.
+
+    Example:
+        >>> blocker_for(Path("/venv/site-packages/normflows")).joinpath("__init__.py").is_file()
+        True
+    """
+    name = path.stem if path.suffix == ".py" else path.name
+    text = (f"raise ModuleNotFoundError({name!r} + ' is not available in the grading sandbox: "
+            f"write the layers yourself', name={name!r})\n")
+    root = Path(tempfile.gettempdir()) / f"nfcourse-blockers-{os.getuid()}"
+    root.mkdir(mode=0o755, exist_ok=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    if path.suffix == ".py" or path.is_file():
+        target = root / f"{name}-{digest}.py"
+        final = target
+    else:
+        target = root / f"{name}-{digest}"
+        final = target / "__init__.py"
+    if not final.is_file():
+        tmp = Path(tempfile.mkdtemp(dir=root))
+        (tmp / "__init__.py").write_text(text)
+        try:
+            if final == target:
+                os.replace(tmp / "__init__.py", target)
+                tmp.rmdir()
+            else:
+                tmp.chmod(0o755)
+                os.rename(tmp, target)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another grader made it first
+    return target
+
+
 def python_paths() -> list[Path]:
     """Folders the interpreter and its packages live in (bound read-only)."""
     import site
@@ -255,9 +314,17 @@ class Sandbox:
     """The command-line wrapper for one sandboxed process (see the module docstring).
 
     ``workdir`` is the working directory, bound read-write (``scratch``, when given, is the
-    folder bound there instead: the sandbox sees the path, not the folder); ``readwrite``
-    adds other read-write folders (the kernel's sockets); ``readonly`` adds folders such as
-    the data set. ``env`` is the whole environment inside, on top of a minimal one.
+    folder bound there instead: the sandbox sees the path, not the folder); with ``seed``,
+    ``workdir`` is instead a tmpfs of ``limits.work_mb`` inside the sandbox, filled at start
+    with a copy of the regular files of ``seed`` (bound read-only at :data:`SEED_MOUNT`), so
+    nothing the sandbox writes there lands on the host's disk or is read back.
+    ``readwrite`` adds other read-write folders (the kernel's sockets); ``readonly`` adds
+    folders such as the data set. ``env`` is the whole environment inside, on top of a
+    minimal one.
+
+    Example:
+        >>> box = Sandbox(workdir="/srv/alice", seed="/srv/alice")   # doctest: +SKIP
+        >>> subprocess.run(box.wrap(["ls"]))   # the copy, in a 256 MB tmpfs  # doctest: +SKIP
     """
 
     workdir: Path
@@ -267,9 +334,22 @@ class Sandbox:
     env: dict[str, str] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
     gpu: bool | None = None  # None: bind the NVIDIA devices when this machine has them
+    seed: Path | None = None
+    #: (source, dest) folders bound read-only over ``dest`` after the python paths (a
+    #: lesson's grading edition of ``nfcourse`` over the package's folder); later ones win
+    overlays: Sequence[tuple[str | os.PathLike, str | os.PathLike]] = ()
+    #: folders or files made unusable inside (third-party flow libraries): each is covered
+    #: by a read-only stand-in whose import fails (see :func:`blocker_for`)
+    hidden: Sequence[str | os.PathLike] = ()
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
+        if self.seed is not None:
+            self.seed = Path(self.seed).resolve()
+            if self.scratch is not None:
+                raise ValueError("Sandbox: give seed (a tmpfs workdir) or scratch, not both")
+            if not self.seed.is_dir():
+                raise ValueError(f"Sandbox: seed {self.seed} is not a folder")
         self._cgroups: _CGroups | None = None
 
     def wrap(self, argv: Sequence[str]) -> list[str]:
@@ -293,7 +373,17 @@ class Sandbox:
             args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
         for p in [*python_paths(), *self.readonly]:
             args += ["--ro-bind", str(p), str(p)]
-        args += ["--bind", str(self.scratch or self.workdir), str(self.workdir)]
+        for src, dest in self.overlays:
+            args += ["--ro-bind", str(src), str(dest)]
+        for p in self.hidden:
+            args += ["--ro-bind", str(blocker_for(Path(p))), str(p)]
+        if self.seed is not None:
+            # the copy happens inside (``_seed_copy``): the grader reads nothing back
+            args += ["--ro-bind", str(self.seed), SEED_MOUNT,
+                     "--size", str(self.limits.work_mb * 1024 * 1024),
+                     "--tmpfs", str(self.workdir)]
+        else:
+            args += ["--bind", str(self.scratch or self.workdir), str(self.workdir)]
         for p in self.readwrite:
             args += ["--bind", str(p), str(p)]
         if self.gpu is not False:
@@ -317,7 +407,8 @@ class Sandbox:
         args += ["--chdir", str(self.workdir), "--"]
         limits = ["prlimit", f"--fsize={self.limits.file_mb * 1024 * 1024}",
                   f"--nofile={self.limits.open_files}", "--core=0", "--"]
-        return [*self._cgroups.enter_prefix(), *args, *limits, *argv]
+        seed = _seed_copy() if self.seed is not None else []
+        return [*self._cgroups.enter_prefix(), *args, *limits, *seed, *argv]
 
     def kill_strays(self, keep: Sequence[int]) -> int:
         """Kill every process in the sandbox but ``keep`` (the kernel and its launchers):

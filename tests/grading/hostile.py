@@ -68,13 +68,11 @@ for _name in dir(_checks_module):
 
 def patch_everything(lesson: str) -> str:
     """A cell that makes every hidden test's helpers pass: ``np.allclose`` and
-    ``torch.allclose``, the package's ``assert_independent`` (and the notebook's name for
-    it), and in the lesson's checks module every ``check_*`` (True), ``*_problems`` (none)
-    and ``require`` (the report, unread)."""
+    ``torch.allclose``, and in the lesson's checks module every ``check_*`` (True),
+    ``*_problems`` (none) and ``require`` (the report, unread)."""
     return f"""
 import numpy as np
 import torch
-import nfcourse.checks as _checks_package
 import nfcourse.checks.lesson{lesson[:2]} as _checks_module
 for _name in dir(_checks_module):
     if _name.endswith("_problems"):
@@ -82,8 +80,6 @@ for _name in dir(_checks_module):
     elif _name.startswith("check_"):
         setattr(_checks_module, _name, lambda *args, **kwargs: True)
 _checks_module.require = lambda report, *names, **kwargs: report
-_checks_package.assert_independent = lambda *args, **kwargs: None
-assert_independent = lambda *args, **kwargs: None
 np.allclose = lambda *args, **kwargs: True
 torch.allclose = lambda *args, **kwargs: True
 """
@@ -225,6 +221,8 @@ def hostile_submissions(course: Course, *, port: int) -> dict[str, Hostile]:
     out.append(Hostile("reference_import", edit_answer(good, "coupling_answer", lambda s: (
         "from nfcourse.flows import MaskedAffineCoupling as _Reference\n"
         + strip_solution_markers(s))),
-        ALL, "imports the package's reference coupling"))
+        # the grading kernel has no reference: the import fails, and so does everything
+        # built on the coupling; the warm-up, which is right, keeps its points
+        ALL - {"warmup_test"}, "imports the package's reference coupling"))
 
     return {h.name: h for h in out}

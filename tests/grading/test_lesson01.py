@@ -50,6 +50,9 @@ globals().update(lesson_grading_tests(LESSON, BUGS))
 # and answers built on the reference layers do not, and the self-checks never raise.
 # --------------------------------------------------------------------------------------------
 import math  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import nbformat  # noqa: E402
 import pytest  # noqa: E402
@@ -57,7 +60,6 @@ import torch  # noqa: E402
 from harness import REPO, strip_solution_markers  # noqa: E402
 from torch import nn  # noqa: E402
 
-from nfcourse.checks import ReferenceUsedError  # noqa: E402
 from nfcourse.checks import lesson01 as checks  # noqa: E402
 
 ANSWER_CELLS = ("coupling_answer", "realnvp_answer", "density_answer")
@@ -103,37 +105,46 @@ def test_checks_catch_each_bug_where_declared(bug):
             check(ns)
 
 
-def test_checks_reject_the_reference_layers():
-    from nfcourse import flows
+def test_answers_built_on_the_reference_fail_in_the_grading_edition(tmp_path):
+    """Absence, not detection: in lesson 01's edition of the package, an answer that wraps,
+    subclasses or calls the reference layers fails with ExerciseRemoved naming the exercise,
+    and the self-check reports it in words."""
+    from nfcourse.grade.edition import build_edition
 
-    class Wrapped(nn.Module):  # wraps the reference
-        def __init__(self, mask, hidden=64):
-            super().__init__()
-            self.inner = flows.MaskedAffineCoupling(mask, hidden=hidden)
+    root = build_edition(LESSON, tmp_path / "edition")
+    script = """
+import pytest, torch
+from torch import nn
+import nfcourse
+from nfcourse import flows
+from nfcourse.checks import lesson01 as checks
 
-        def forward(self, x):
-            return self.inner(x)
+class Wrapped(nn.Module):  # wraps the reference
+    def __init__(self, mask, hidden=64):
+        super().__init__()
+        self.inner = flows.MaskedAffineCoupling(mask, hidden=hidden)
+    def forward(self, x):
+        return self.inner(x)
+    def inverse(self, z):
+        return self.inner.inverse(z)
 
-        def inverse(self, z):
-            return self.inner.inverse(z)
-
-    class Sub(flows.MaskedAffineCoupling):  # subclasses it
+for check in (checks.assert_coupling_forward, checks.assert_coupling_inverse):
+    with pytest.raises(nfcourse.ExerciseRemoved, match="exercise 'coupling'"):
+        check(Wrapped)
+with pytest.raises(nfcourse.ExerciseRemoved, match="exercise 'coupling'"):
+    class Sub(flows.AffineCoupling):
         pass
-
-    for answer in (Wrapped, Sub):
-        with pytest.raises(ReferenceUsedError):
-            checks.assert_coupling_forward(answer)
-        with pytest.raises(ReferenceUsedError):
-            checks.assert_coupling_inverse(answer)
-
-    class Density(flows.FlowModel):
-        def __init__(self, flow):
-            super().__init__(flow, flows.StandardNormal(2))
-
-    with pytest.raises(ReferenceUsedError):
-        checks.assert_density(Density)
-    with pytest.raises(ReferenceUsedError):
-        checks.assert_trained(flows.realnvp_2d(num_layers=2, hidden=8))
+with pytest.raises(nfcourse.ExerciseRemoved, match="exercise 'density'"):
+    from nfcourse.flows import FlowModel
+with pytest.raises(nfcourse.ExerciseRemoved, match="exercise 'realnvp'"):
+    flows.realnvp_2d(num_layers=2, hidden=8)
+assert not checks.check_coupling(Wrapped)
+print("OK")
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "is not available while lesson 01 is graded" in out.stdout
 
 
 def test_self_checks_report_and_never_raise(capsys):

@@ -60,32 +60,20 @@ def _mnist_folder():
 globals().update(lesson_grading_tests(LESSON, BUGS))
 
 
-# ------------------------------------------------------------- the checks refuse the reference
-def _reference_cases():
+# -------------------------------------------- the self-checks warn about the reference
+@pytest.mark.parametrize("name", ["ActNorm", "InvConv1x1", "InvConv1x1LU", "GlowStep"])
+def test_self_checks_warn_about_the_reference(name, capsys):
+    """While the lesson is graded the reference layers are not in the package, so an answer
+    built on one fails there by itself: the self-check says so beforehand (advice, not a
+    grade: the hidden tests and the grader decide from numbers)."""
     from nfcourse import flows
     from nfcourse.checks import lesson05 as checks
 
-    class WrappedActNorm(flows.ActNorm):
+    class Wrapped(getattr(flows, name)):
         """A "student" layer that only subclasses the reference."""
 
-    def build_with_reference(**kwargs):
-        return flows.glow(**kwargs)
-
-    return [
-        ("actnorm", lambda: checks.actnorm_problems(flows.ActNorm)),
-        ("actnorm_subclass", lambda: checks.actnorm_problems(WrappedActNorm)),
-        ("actnorm_init", lambda: checks.actnorm_init_problems(WrappedActNorm)),
-        ("invconv", lambda: checks.invconv_problems(flows.InvConv1x1)),
-        ("invconv_lu", lambda: checks.invconv_lu_problems(flows.InvConv1x1LU)),
-        ("glow_step", lambda: checks.glow_step_problems(
-            flows.GlowStep, flows.ActNorm, flows.InvConv1x1, flows.InvConv1x1LU)),
-        ("glow", lambda: checks.glow_problems(build_with_reference, flows.GlowStep,
-                                              flows.InvConv1x1LU)),
-    ]
-
-
-@pytest.mark.parametrize("name", [name for name, _ in _reference_cases()])
-def test_checks_give_no_points_to_the_reference(name):
-    problems = dict(_reference_cases())[name]()
-    assert problems, f"{name}: the reference layer passed the checks"
-    assert "no points" in problems[0] and "nfcourse.flows" in problems[0], problems[0]
+    assert checks._advice(Wrapped, name)
+    assert checks._advice(getattr(flows, name), name)
+    assert checks._advice(type("Own", (), {}), name) == []
+    assert not checks.check_actnorm(flows.ActNorm)
+    assert "fail when graded" in capsys.readouterr().out

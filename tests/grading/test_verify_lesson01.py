@@ -14,7 +14,7 @@ from harness import Cell, changed, run_cells, solution_cells
 from hostile import IDENTITY_COUPLING
 from test_lesson01 import BUGS
 
-from nfcourse.grade.verify import LocalOracle, Oracle, OracleError, verifier_for
+from nfcourse.grade.verify import LocalOracle, verifier_for
 
 LESSON = "01_two_moons_realnvp"
 SKIP = ("fig", "gif", "states", "history", "viz.", "checks.")
@@ -83,12 +83,24 @@ def test_wrong_warm_up_is_caught():
     assert set(failures(ns)) == {"warmup_test"}
 
 
-def test_reference_in_a_student_cell_fails_everything(solution_ns):
-    failed = failures(solution_ns, ["from nfcourse.flows import MaskedAffineCoupling\n"])
-    assert len(failed) == 6 and all("nfcourse.flows" in m for m in failed.values())
+# What the issue measured: a correct answer that names the reference in a docstring, imports
+# it after the exercise to compare with it (lesson 06 invites that), or looks names up by a
+# computed string used to score 0 on every cell. How the student looked classes up is not
+# graded: only the numbers are (the grading kernel holds no reference to run).
+MENTIONS = [
+    'class Note:\n    """My coupling does not use `nfcourse.flows.MaskedAffineCoupling`."""\n',
+    "from nfcourse.flows import realnvp_2d as reference  # to compare, after the exercise\n",
+    "import nfcourse.flows as lib\nFM = getattr(lib, 'Flow' 'Model')\n",
+    "x = !true\n",
+]
 
 
-# The reference reached without naming it: a name scan cannot see this, the call tracing does.
+def test_naming_the_reference_costs_nothing(solution_ns):
+    assert failures(solution_ns, MENTIONS) == {}
+    # only the shell escape is listed for the instructor; nothing of it is scored
+    assert verifier_for(LESSON).review(MENTIONS) == ["cell 4, line 1: runs a shell command"]
+
+
 OBFUSCATED_REFERENCE = (
     "_m = __import__('nfcourse.fl' + 'ows', fromlist=['_'])\n"
     "class MaskedAffineCoupling(getattr(_m, 'MaskedAffine' + 'Coupling')):\n"
@@ -97,60 +109,11 @@ OBFUSCATED_REFERENCE = (
 )
 
 
-def test_reference_reached_by_a_computed_name_is_caught():
-    ns = namespace(replace={"coupling_answer": OBFUSCATED_REFERENCE})
-    sources = [OBFUSCATED_REFERENCE]
-    verifier = verifier_for(LESSON)
-    assert verifier.scan(sources) is None  # the name scan alone lets it through
-    failed = failures(ns, sources)
-    assert set(failed) == {"coupling_test_forward", "coupling_test_inverse", "train_test"}
-    assert all("reference answer (MaskedAffineCoupling" in m for m in failed.values())
-    assert verifier.review(sources) == ["cell 1, line 1: calls __import__",
-                                       "cell 1, line 2: calls getattr with a computed name"]
-
-
-def test_switching_off_the_tracing_is_caught(solution_ns):
-    ns = dict(solution_ns)
-    exec("import sys\n"  # noqa: S102
-         "class MaskedAffineCoupling(MaskedAffineCoupling):\n"
-         "    def forward(self, x, context=None):\n"
-         "        sys.settrace(None)\n"
-         "        return super().forward(x)\n", ns)
-    failed = failures(ns)
-    assert set(failed) == {"coupling_test_forward", "coupling_test_inverse"}
-    assert all("switched off" in m for m in failed.values())
-
-
-def test_package_code_built_on_the_reference_may_call_it():
-    """A trusted caller (the package's variational dequantization, made of the reference
-    couplings) runs them freely; the same couplings called from the student's code, even
-    through the package's own Compose or beside a trusted object, are still caught."""
-    import torch
-
-    from nfcourse import flows
-    from nfcourse.grade.verify.base import _reference_files
-
-    class Wrapper(torch.nn.Module):  # a "student" layer that hides a reference coupling
-        def __init__(self):
-            super().__init__()
-            self.inner = flows.VariationalDequantization(channels=1, c_hidden=4, num_layers=1)
-
-        def forward(self, x):
-            return self.inner.noise_flow(x, x)
-
-    oracle = LocalOracle({"flows": flows, "Wrapper": Wrapper})
-    oracle.watch(_reference_files(["nfcourse.flows.coupling", "nfcourse.flows.masks"]),
-                 _reference_files(["nfcourse.flows.dequantization:VariationalDequantization"]))
-    out = oracle.query("""
-        vd = flows.VariationalDequantization(channels=1, c_hidden=4, num_layers=1)
-        out['z'] = vd(_nfv_torch.as_tensor(inp['x']).float())[0]
-    """, x=np.full((2, 1, 4, 4), 3.0))
-    assert out["z"].shape == (2, 1, 4, 4)
-    for attempt in ("flows.Compose([flows.AffineCoupling(1, 'checkerboard')])",
-                    "Wrapper()"):
-        with pytest.raises(OracleError, match="reference answer.*AffineCoupling"):
-            oracle.query(f"out['z'] = ({attempt})(_nfv_torch.as_tensor(inp['x']).float())[0]",
-                         x=np.ones((2, 1, 4, 4)))
+def test_dynamic_lookups_are_listed_for_review():
+    """Reaching code by a computed name is listed for the instructor to read (in the grading
+    kernel the reference is absent, so it cannot score: see the edition's tests)."""
+    assert verifier_for(LESSON).review([OBFUSCATED_REFERENCE]) == [
+        "cell 1, line 1: calls __import__", "cell 1, line 2: calls getattr with a computed name"]
 
 
 def test_review_notes_list_dynamic_code_in_order():
@@ -159,47 +122,20 @@ def test_review_notes_list_dynamic_code_in_order():
     cells = ["%matplotlib inline\nimport numpy as np\nx = np.ones(3)\n",
              "import importlib\nimport sys\nf = eval('1')\nsys.modules['a'] = None\n",
              "_nfv_seen.clear()\n", "def broken(:\n",
-             "C = getattr(flows, 'Affine' + 'Coupling')\nd = getattr(flows, 'Flow')\n"]
+             "C = getattr(flows, 'Affine' + 'Coupling')\nd = getattr(flows, 'Flow')\n",
+             # a shell escape made a whole cell unreadable to a plain parser (SyntaxError,
+             # so it was skipped): read as IPython reads it, its other lines are seen too
+             "x = !true\nm = __import__('nfcourse.fl' + 'ows')\n",
+             "%run helper.py\n", "%%bash\necho hi\n"]
     assert review_notes(cells) == [
         "cell 2, line 1: imports importlib", "cell 2, line 3: calls eval",
         "cell 2, line 4: uses .modules", "cell 3, line 1: names the grader's _nfv_seen",
-        "cell 5, line 1: calls getattr with a computed name"]
-    innocent = [s for s in cells if not any(w in s for w in ("importlib", "_nfv", "+"))]
+        "cell 4, line 1: cannot be parsed (invalid syntax): read the whole cell",
+        "cell 5, line 1: calls getattr with a computed name",
+        "cell 6, line 1: runs a shell command", "cell 6, line 2: calls __import__",
+        "cell 7, line 1: runs the magic %run", "cell 8, line 1: runs the magic %bash"]
+    innocent = [s for s in cells if not any(w in s for w in ("importlib", "_nfv", "+", "(:",
+                                                              "%run", "%%bash"))]
     assert review_notes(innocent + ["d = getattr(flows, 'Flow')\n",
-                                    "n = sum(1 for m in model.modules())\n"]) == []
-
-
-@pytest.mark.notebook
-def test_tracing_works_in_a_real_kernel():
-    """The call tracing runs inside ipykernel as it does here: an obfuscated reference is
-    caught and the student's own code is not."""
-    from jupyter_client.manager import start_new_kernel
-
-    from nfcourse.grade.verify.base import _reference_files
-
-    km, kc = start_new_kernel(kernel_name="python3")
-    try:
-        def execute(code: str, timeout: float) -> str:
-            chunks: list[str] = []
-
-            def hook(msg):
-                if msg["msg_type"] == "stream":
-                    chunks.append(msg["content"]["text"])
-
-            kc.execute_interactive(code, timeout=timeout, output_hook=hook)
-            return "".join(chunks)
-
-        execute("import torch\nfrom torch import nn\n" + OBFUSCATED_REFERENCE, 60)
-        execute("class Own(nn.Module):\n    def forward(self, x):\n        return 2 * x\n", 60)
-        oracle = Oracle(execute)
-        oracle.watch(_reference_files(["nfcourse.flows.coupling:MaskedAffineCoupling"]))
-        out = oracle.query("out['z'] = Own()(_nfv_torch.as_tensor(inp['x']))", x=np.ones(3))
-        assert out["z"].tolist() == [2.0, 2.0, 2.0]
-        with pytest.raises(OracleError, match="reference answer"):
-            oracle.query("""
-                layer = MaskedAffineCoupling(_nfv_torch.tensor([1.0, 0.0]), hidden=4)
-                out['z'] = layer(_nfv_torch.as_tensor(inp['x']).float())[0]
-            """, x=np.ones((2, 2)))
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
+                                    "n = sum(1 for m in model.modules())\n",
+                                    "%time y = 1\n"]) == []

@@ -10,11 +10,13 @@ held-out NLL). A kernel that lies can only pass by computing the right numbers, 
 the exercise. The grader then adds an error to every test cell whose check failed, so
 nbgrader, still the gradebook and feedback of record, scores it zero with the reason.
 
-While a query runs the student's code, the kernel traces Python calls (``sys.settrace``, one
-look per new frame): a check fails when the lesson's reference code runs, however it was
-reached, or when the tracing was switched off. Dynamic code in the student's cells
-(``__import__``, ``exec``, ``importlib``, ...) is listed for the instructor to read
-(:func:`review_notes`).
+Nothing in the kernel watches the student's code: the grading kernel runs an edition of the
+package without the lesson's reference answers (:mod:`nfcourse.grade.edition`), so there is
+nothing to call but the student's own code, and how it looked names up is not graded. The
+check's inputs are drawn from a seed computed from the submission (the same notebook gets
+the same verdict). Dynamic code in the student's cells (``__import__``, ``exec``,
+``importlib``, shell escapes, ...) is listed for the instructor to read
+(:func:`review_notes`); those notes are never scored.
 
 A lesson opts in with a module here that defines ``VERIFIER`` (see :mod:`.lesson01`).
 """

@@ -4,29 +4,31 @@
   printed back (float64, decoded in the grader; nothing from the kernel is unpickled or
   executed here).
 * :class:`Verdict`: pass or fail of one graded test cell, with the reason in plain words.
-* :class:`Verifier`: a lesson's checks, one per graded test cell, plus a scan of the
-  student's cells for uses of the package's reference implementations.
+* :class:`Verifier`: a lesson's checks, one per graded test cell.
+* :func:`review_notes`: what in the student's cells an instructor should read (never scored).
+
+Nothing here looks for the package's reference answers in the student's code: the grading
+kernel runs an edition of the package without the lesson's answers (security by absence,
+:mod:`nfcourse.grade.edition`), so a submission can only pass by computing the numbers.
 """
 
 from __future__ import annotations
 
 import ast
 import base64
+import hashlib
 import importlib
-import importlib.util
 import json
-import re
 import secrets
 import textwrap
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 __all__ = ["Oracle", "LocalOracle", "OracleError", "Verdict", "Verifier", "verifier_for",
-           "review_notes", "KERNEL_PREAMBLE", "draw_seed", "check_array"]
+           "review_notes", "KERNEL_PREAMBLE", "draw_seed", "check_array", "submission_seed"]
 
 
 class OracleError(RuntimeError):
@@ -51,36 +53,10 @@ class Verdict:
 #: do not clobber the student's; redefining them from a submission changes nothing, since
 #: this runs after every cell of the notebook.
 KERNEL_PREAMBLE = r'''
-import base64 as _nfv_b64, json as _nfv_json, sys as _nfv_sys
+import base64 as _nfv_b64, json as _nfv_json
 import numpy as _nfv_np
 import torch as _nfv_torch
 _nfv_store = {}
-_nfv_watch = {}      # file name -> qualified-name prefixes ([] = the whole file)
-_nfv_trust = {}      # the same, for package code built on the reference (may call it)
-_nfv_seen = []
-
-def _nfv_match(table, code):
-    rules = table.get(code.co_filename)
-    if rules is None:
-        return False
-    name = code.co_qualname
-    return not rules or any(name == r or name.startswith(r + ".") for r in rules)
-
-def _nfv_trusted(frame):
-    while frame is not None:
-        if _nfv_match(_nfv_trust, frame.f_code):
-            return True
-        frame = frame.f_back
-    return False
-
-def _nfv_hook(frame, event, arg):
-    """A global trace function that looks at each new frame once (returning None turns off
-    line tracing, so it costs one call per Python function call). The stack is walked only
-    when a reference frame starts."""
-    if (len(_nfv_seen) < 5 and _nfv_match(_nfv_watch, frame.f_code)
-            and not (_nfv_trust and _nfv_trusted(frame.f_back))):
-        _nfv_seen.append(frame.f_code.co_qualname)
-    return None
 
 def _nfv_decode(spec):
     data = _nfv_np.frombuffer(_nfv_b64.b64decode(spec["data"]), dtype="<f8")
@@ -93,13 +69,16 @@ def _nfv_encode(value):
     return {"shape": list(array.shape), "data": _nfv_b64.b64encode(array.tobytes()).decode()}
 
 def _nfv_prep(module, seed, std):
-    """Float64 and parameters drawn from N(0, std^2): a layer that only works at its
-    zero initialisation (the identity) shows itself."""
+    """Float64 and trainable parameters drawn from N(0, std^2): a layer that only works at
+    its zero initialisation (the identity) shows itself. A frozen parameter
+    (requires_grad=False, e.g. a mask kept as nn.Parameter) is a constant of the layer,
+    not something training could move, so it is left alone."""
     module = module.double()
     gen = _nfv_torch.Generator().manual_seed(int(seed))
     with _nfv_torch.no_grad():
         for p in module.parameters():
-            p.copy_(_nfv_torch.randn(p.shape, generator=gen, dtype=_nfv_torch.float64) * std)
+            if p.requires_grad:
+                p.copy_(_nfv_torch.randn(p.shape, generator=gen, dtype=_nfv_torch.float64) * std)
     return module
 
 class _NfvCoupling(_nfv_torch.nn.Module):
@@ -163,24 +142,11 @@ class Oracle:
         self._execute = execute
         self.timeout = timeout
         self._ready = False
-        self._watching = False
 
     def _prepare(self) -> None:
         if not self._ready:
             self._execute(KERNEL_PREAMBLE, self.timeout)
             self._ready = True
-
-    def watch(self, references: dict[str, list[str]],
-              trusted: dict[str, list[str]] | None = None) -> None:
-        """From now on, a query fails when the code it runs calls into ``references``
-        (file name -> qualified-name prefixes, ``[]`` for the whole file), unless the call
-        comes from inside ``trusted`` (package code the lesson may use that is itself built
-        on the reference, such as a variational dequantization made of couplings)."""
-        self._prepare()
-        self._execute(f"_nfv_watch.clear(); _nfv_watch.update({references!r})\n"
-                      f"_nfv_trust.clear(); _nfv_trust.update({trusted or {}!r})\n",
-                      self.timeout)
-        self._watching = bool(references)
 
     def _run(self, code: str, timeout: float | None = None) -> dict:
         marker = f"@@nfv-{secrets.token_hex(8)}@@"
@@ -209,38 +175,45 @@ class Oracle:
             "    with _nfv_torch.no_grad():\n"
             f"{body}\n"
             "    return out\n"
-            "_nfv_seen.clear()\n"
-            "_nfv_previous = _nfv_sys.gettrace()\n"
             "try:\n"
             f"    _nfv_inputs = _nfv_json.loads({payload!r})\n"
             "    _nfv_inputs = {k: _nfv_decode(v) for k, v in _nfv_inputs.items()}\n"
-            "    _nfv_sys.settrace(_nfv_hook)\n"
-            "    try:\n"
-            "        _nfv_answer = _nfv_query(_nfv_inputs)\n"
-            "    finally:\n"
-            "        _nfv_traced = _nfv_sys.gettrace() is _nfv_hook\n"
-            "        _nfv_sys.settrace(_nfv_previous)\n"
-            "    _nfv_result = {'ok': True, 'traced': _nfv_traced, 'reference': _nfv_seen[:5],\n"
+            "    _nfv_answer = _nfv_query(_nfv_inputs)\n"
+            "    _nfv_result = {'ok': True,\n"
             "                   'out': {k: _nfv_encode(v) for k, v in _nfv_answer.items()}}\n"
             "except BaseException as _nfv_error:\n"
             "    _nfv_result = {'ok': False, 'error': type(_nfv_error).__name__ + ': ' + "
-            "str(_nfv_error)[:300], 'reference': _nfv_seen[:5]}\n"
+            "str(_nfv_error)[:300]}\n"
         )
         answer = self._run(program, timeout)
-        if isinstance(answer, dict) and answer.get("reference"):
-            names = ", ".join(str(n) for n in answer["reference"][:3])
-            raise OracleError(f"your code ran the package's reference answer ({names}); "
-                              "answers must be your own code")
         if not isinstance(answer, dict) or not answer.get("ok"):
             error = answer.get("error", "?") if isinstance(answer, dict) else "?"
             raise OracleError(f"your code raised {error}")
-        if self._watching and answer.get("traced") is not True:
-            raise OracleError("the notebook switched off the grader's call tracing "
-                              "(sys.settrace) while its code was being checked")
         out = answer.get("out")
         if not isinstance(out, dict):
             raise OracleError("the kernel's answer is not a dict of arrays")
         return {str(k): _decode(v) for k, v in out.items()}
+
+
+def submission_seed(lesson: str, sources: Iterable[str]) -> int:
+    """The independent check's seed for one submission: a 63-bit number from the SHA-256 of
+    the lesson's name and the student's code cells, in order. Grading the same notebook
+    twice draws the same inputs (the same verdict, reproducible from the recorded seed);
+    any change to a cell draws new ones. Each part is length-prefixed, so moving text from
+    one cell to the next changes the seed too.
+
+    Example:
+        >>> submission_seed("01_x", ["a = 1"]) == submission_seed("01_x", ["a = 1"])
+        True
+        >>> submission_seed("01_x", ["a = 1"]) == submission_seed("01_x", ["a = 2"])
+        False
+    """
+    digest = hashlib.sha256()
+    for part in (lesson, *sources):
+        data = str(part).encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return int.from_bytes(digest.digest()[:8], "little") >> 1
 
 
 def draw_seed(rng: np.random.Generator) -> int:
@@ -270,15 +243,51 @@ _DYNAMIC_ATTRS = {"modules", "settrace", "setprofile", "gettrace", "__builtins__
                   "__globals__", "__code__", "__subclasses__", "__dict__", "__getattribute__"}
 
 
-def _strip_magics(source: str) -> str:
-    """IPython magics and shell lines are not Python; blank them before parsing."""
-    return "\n".join("" if line.lstrip().startswith(("%", "!")) else line
-                     for line in source.splitlines())
+#: IPython magics that run code from elsewhere (a file, another interpreter, a shell):
+#: ``get_ipython().run_line_magic('run', ...)`` after IPython's own transformation
+_CODE_MAGICS = {"run", "load", "loadpy", "writefile", "script", "bash", "sh", "system", "sx",
+                "python", "python2", "python3", "pypy", "perl", "ruby", "js", "javascript",
+                "html", "prun", "capture", "macro", "store", "autoreload", "aimport",
+                "load_ext", "reload_ext", "env", "set_env", "alias", "cd"}
+
+
+def _python_of(source: str) -> str:
+    """The Python a cell runs: IPython's own transformation of magics, shell escapes
+    (``x = !true``) and help syntax, so that a cell is read the way the kernel reads it.
+
+    Example:
+        >>> _python_of("x = !true")
+        "x = get_ipython().getoutput('true')\n"
+    """
+    # IPython ships with the kernel; its transformer is the definition of what a cell means
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    return TransformerManager().transform_cell(source)
+
+
+def _ipython_call(node: ast.Call) -> str | None:
+    """What a ``get_ipython().<method>(...)`` call of a transformed cell does, when it runs
+    code or a shell command; None for other calls (``%matplotlib inline`` and the like)."""
+    func = node.func
+    if not (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Call)
+            and isinstance(func.value.func, ast.Name) and func.value.func.id == "get_ipython"):
+        return None
+    if func.attr in ("system", "getoutput"):
+        return "runs a shell command"
+    if func.attr in ("run_line_magic", "run_cell_magic") and node.args:
+        name = node.args[0]
+        magic = name.value if isinstance(name, ast.Constant) else None
+        if not isinstance(magic, str) or magic in _CODE_MAGICS:
+            return f"runs the magic %{magic}" if isinstance(magic, str) else "runs a magic"
+    return None
 
 
 def review_notes(sources: Iterable[str]) -> list[str]:
     """What in the student's cells an instructor should read: dynamic imports and code,
-    access to the interpreter's internals, the grader's ``_nfv`` helpers.
+    shell commands and code-running magics, access to the interpreter's internals, the
+    grader's ``_nfv`` helpers, and any cell that cannot be read as Python at all (it is
+    listed, never skipped). Cells are read after IPython's own transformation, as the kernel
+    runs them. The notes are for reading; nothing is scored from them.
 
     Example:
         >>> review_notes(["m = __import__('nfc' + 'ourse.flows')"])
@@ -287,8 +296,14 @@ def review_notes(sources: Iterable[str]) -> list[str]:
     notes: list[tuple[int, int, str]] = []
     for number, source in enumerate(sources, start=1):
         try:
-            tree = ast.parse(_strip_magics(source))
-        except SyntaxError:
+            tree = ast.parse(_python_of(source))
+        except SyntaxError as error:
+            notes.append((number, error.lineno or 0, f"cannot be parsed ({error.msg}): read "
+                          "the whole cell"))
+            continue
+        except Exception as error:  # noqa: BLE001  (IPython's transformer may raise anything)
+            notes.append((number, 0, f"cannot be transformed by IPython "
+                          f"({type(error).__name__}): read the whole cell"))
             continue
         # ``model.modules()`` is torch; ``sys.modules`` (never called) is the interpreter's
         called = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
@@ -301,6 +316,8 @@ def review_notes(sources: Iterable[str]) -> list[str]:
                     and node.func.id in _BY_NAME and len(node.args) >= 2 \
                     and not isinstance(node.args[1], ast.Constant):
                 what = f"calls {node.func.id} with a computed name"
+            elif isinstance(node, ast.Call) and _ipython_call(node):
+                what = _ipython_call(node)
             elif isinstance(node, ast.Import | ast.ImportFrom):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) \
                     else [node.module or ""]
@@ -317,76 +334,36 @@ def review_notes(sources: Iterable[str]) -> list[str]:
     return [f"cell {n}, line {line}: {what}" for n, line, what in sorted(notes)]
 
 
-def _reference_files(references: Iterable[str]) -> dict[str, list[str]]:
-    """``"package.module"`` or ``"package.module:Qualname"`` -> {file: [qualname, ...]}."""
-    files: dict[str, list[str]] = {}
-    for ref in references:
-        module, _, qualname = ref.partition(":")
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.origin:
-            raise ValueError(f"reference module {module!r} not found")
-        if spec.submodule_search_locations:  # a package: every module in it, whole
-            if qualname:
-                raise ValueError(f"{ref}: name a module, not a package, with a qualname")
-            for folder in spec.submodule_search_locations:
-                files.update({str(f): [] for f in sorted(Path(folder).rglob("*.py"))})
-            continue
-        rules = files.setdefault(spec.origin, [])
-        if qualname:
-            rules.append(qualname)
-        elif rules:
-            raise ValueError(f"{module} is watched whole and in part")
-    return files
-
-
 @dataclass
 class Verifier:
     """A lesson's independent checks: ``checks[grade_id](oracle, rng)`` returns a short
     summary of what it verified, or raises AssertionError / OracleError saying what is
-    wrong. ``forbidden`` are names no student cell may use (the reference answers);
-    ``references`` (``"module"`` or ``"module:Qualname"``) is the reference code that must
-    not run while a check's query runs the student's answers (caught however it was
-    reached: imported under another name, subclassed, called through ``__import__``);
-    ``trusted`` (same form) is package code the lesson allows whose own calls into the
-    reference are fine."""
+    wrong. Verdicts come from numbers alone: how the student wrote or looked up the code
+    is not graded (the grading kernel holds no reference answer to look up).
+
+    Example:
+        >>> v = Verifier("00_demo", {"t": lambda oracle, rng: "ok"})
+        >>> [d.passed for d in v.run(None, [], np.random.default_rng(0))]
+        [False]
+    """
 
     lesson: str
     checks: dict[str, Check]
-    forbidden: tuple[str, ...] = ()
-    references: tuple[str, ...] = ()
-    trusted: tuple[str, ...] = ()
     depends: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def review(self, sources: Iterable[str]) -> list[str]:
-        """:func:`review_notes` of the student's cells."""
+        """:func:`review_notes` of the student's cells (for reading; never scored)."""
         return review_notes(sources)
-
-    def scan(self, sources: Iterable[str]) -> str | None:
-        """The first forbidden name found in the student's cells, if any."""
-        for source in sources:
-            for name in self.forbidden:
-                if re.search(rf"\b{re.escape(name)}\b", source):
-                    return name
-        return None
 
     def run(self, oracle: Oracle | None, student_sources: Iterable[str],
             rng: np.random.Generator) -> list[Verdict]:
-        student_sources = list(student_sources)
-        used = self.scan(student_sources)
+        """One verdict per check; ``oracle=None`` (no kernel) fails each, saying so.
+        ``student_sources`` are not scored (see :meth:`review`)."""
         verdicts = []
-        if oracle is not None and used is None and self.references:
-            try:
-                oracle.watch(_reference_files(self.references), _reference_files(self.trusted))
-            except OracleError:
-                oracle = None  # the kernel cannot take even that: nothing can be checked
+        unchecked = "the kernel could not be started to check this exercise"
         for grade_id, check in self.checks.items():
-            if used is not None:
-                verdicts.append(Verdict(grade_id, False, f"the notebook uses `{used}`, a reference "
-                                        "answer of the package; answers must be your own code"))
-                continue
             if oracle is None:
-                verdicts.append(Verdict(grade_id, False, "the kernel could not be started to check "
-                                        "this exercise"))
+                verdicts.append(Verdict(grade_id, False, unchecked))
                 continue
             started = time.monotonic()
             try:

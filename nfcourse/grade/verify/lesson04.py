@@ -51,6 +51,10 @@ ALPHA = 1e-5  # Dequantization()'s squash before the logit (the lesson builds it
 LEVELS = 256
 LOG_2PI = math.log(2 * math.pi)
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
+#: (B, C, H, W) every squeeze check tries: one channel, odd and even counts, 2x2, non-square
+SQUEEZE_EDGES = ((1, 1, 2, 2), (2, 3, 4, 6), (3, 2, 6, 2))
+#: (C, H, W) of the half a split keeps, every time: one channel, odd and even, one pixel
+SPLIT_EDGES = ((1, 1, 1), (2, 3, 2), (3, 2, 1))
 
 
 def _log_normal(a: np.ndarray) -> np.ndarray:
@@ -95,8 +99,10 @@ def _holds(channel: np.ndarray, x: np.ndarray) -> str:
 
 
 def check_squeeze(oracle: Oracle, rng: np.random.Generator) -> str:
-    shapes = [(2, 3, 4, 6), (int(rng.integers(2, 5)), int(rng.integers(1, 4)),
-                            2 * int(rng.integers(1, 5)), 2 * int(rng.integers(1, 5)))]
+    # the edge cases every time (one channel, odd and even counts, the smallest image, a
+    # non-square one), then one random shape
+    shapes = list(SQUEEZE_EDGES) + [(int(rng.integers(2, 5)), int(rng.integers(1, 6)),
+                                     2 * int(rng.integers(1, 5)), 2 * int(rng.integers(1, 5)))]
     for shape in shapes:
         b, c, h, w = shape
         x = rng.normal(size=shape)
@@ -126,8 +132,8 @@ def check_squeeze(oracle: Oracle, rng: np.random.Generator) -> str:
             "put out[b, 4c + 2i + j, h, w] back at x[b, c, 2h + i, 2w + j]")
         check_array(f"Squeeze.inverse's log_det {where}", out["ld_inv"], (b,))
         assert np.all(out["ld_inv"] == 0), "Squeeze.inverse's log_det must be exactly 0"
-    return (f"shapes {shapes[0]} and {shapes[1]}: the lesson's exact channel order, log-dets "
-            "exactly 0, the inverse exact")
+    return (f"shapes {', '.join(map(str, shapes))}: the lesson's exact channel order, "
+            "log-dets exactly 0, the inverse exact")
 
 
 # ---------------------------------------------------------------------------------- split
@@ -151,7 +157,18 @@ def _sample_problem(sample: np.ndarray, temperature: float) -> str | None:
 
 
 def check_split(oracle: Oracle, rng: np.random.Generator) -> str:
-    b, c, h, w = 3, int(rng.integers(1, 4)), int(rng.integers(1, 5)), int(rng.integers(1, 5))
+    cases = list(SPLIT_EDGES) + [(int(rng.integers(1, 5)), int(rng.integers(1, 5)),
+                                  int(rng.integers(1, 5)))]
+    for c, h, w in cases:
+        temperature = _split_case(oracle, rng, c, h, w)
+    return ("keeps the first half exactly, log_det = log N(second half); the inverse puts back "
+            "z2 / self.z2 with log_det -log N(z2); samples are temperature * N(0, I) at "
+            f"temperatures 1, {temperature:.2f} and 0; halves of {', '.join(map(str, cases))}")
+
+
+def _split_case(oracle: Oracle, rng: np.random.Generator, c: int, h: int, w: int) -> float:
+    """One size of :func:`check_split`; returns the temperature it tried."""
+    b = 3
     x = rng.normal(size=(b, 2 * c, h, w)) * 1.5
     kept, dropped = x[:, :c], x[:, c:]
     z2, z2_attr = rng.normal(size=(b, c, h, w)), rng.normal(size=(b, c, h, w)) + 1
@@ -217,9 +234,7 @@ def check_split(oracle: Oracle, rng: np.random.Generator) -> str:
         assert _close(ld, want) < 1e-9, (
             f"Split.inverse's log_det must be -log N(z2) of the half it drew ({what}); it is off "
             f"by up to {_off(ld, want)} nats")
-    return ("keeps the first half exactly, log_det = log N(second half); the inverse puts back "
-            "z2 / self.z2 with log_det -log N(z2); samples are temperature * N(0, I) at "
-            f"temperatures 1, {temperature:.2f} and 0")
+    return temperature
 
 
 # ---------------------------------------------------------------------------------- the flow
@@ -461,11 +476,14 @@ def check_multiscale(oracle: Oracle, rng: np.random.Generator) -> str:
         f"{what}: the layers give other log-dets for the same input when run again")
 
     # another size and other numbers of couplings; c_hidden and num_layers; vardeq
-    shape2, counts2 = (1, 4, 8), (1, 3, 3)
-    what2 = _BUILD.format(shape=shape2, hidden=(8, 8, 8), counts=counts2, layers=1, extra="")
-    x2, u2 = _pixels(rng, b, shape2)
-    out2 = oracle.query(_trace_query(shape2, counts2), x=x2, u=u2, seed=[draw_seed(rng)])
-    _check_trace(out2, x2, u2, shape2, counts2, what2)
+    # (several channels, odd and even: a builder hard-coded to one channel shows itself)
+    for shape2, counts2 in (((1, 4, 8), (1, 3, 3)), ((3, 4, 4), (1, 1, 1)),
+                            ((2, 4, 8), (2, 1, 2))):
+        what2 = _BUILD.format(shape=shape2, hidden=(8, 8, 8), counts=counts2, layers=1,
+                              extra="")
+        x2, u2 = _pixels(rng, b, shape2)
+        out2 = oracle.query(_trace_query(shape2, counts2), x=x2, u=u2, seed=[draw_seed(rng)])
+        _check_trace(out2, x2, u2, shape2, counts2, what2)
 
     eps = rng.normal(size=(1, d))
     # dark pixels: pixel + u is then exact in float64 (near 255 it loses the last bits of u,
@@ -516,7 +534,8 @@ def check_multiscale(oracle: Oracle, rng: np.random.Generator) -> str:
         f"{what_vd}: the first layer's log_det must be log|det dy/deps| - log N(eps) "
         f"(a learned dequantization's -log q(u|x) included); it is off by "
         f"{worst:.3g} nats")
-    return (f"{shape} and {shape2} flows with random parameters: dequantization, squeezes, split "
+    return (f"{shape}, (1, 4, 8), (3, 4, 4) and (2, 4, 8) flows with random parameters: "
+            "dequantization, squeezes, split "
             "and couplings in the table's order, shapes and masks, none the identity; log-det "
             "= log|det J| + log N(split-off half) (finite differences, D = 64); exact round "
             "trip; c_hidden, num_layers and vardeq=True honoured")
@@ -652,12 +671,4 @@ VERIFIER = Verifier(
         "multiscale_test": check_multiscale,
         "train_test": check_trained,
     },
-    # the reference layers this lesson asks for (``import Squeeze``/``import Split`` catch
-    # ``from nfcourse.flows import ...``; the student's own classes share their names)
-    forbidden=("flows.Squeeze", "flows.Split", "import Squeeze", "import Split",
-               "multiscale_flow", "flows.multiscale", "flows.glow", "import glow",
-               "nfcourse.grade"),
-    # the couplings, masks and simple flow of lesson 03 are this lesson's scaffolding
-    references=("nfcourse.flows.multiscale", "nfcourse.flows.builders:multiscale_flow",
-                "nfcourse.flows.builders:glow"),
 )

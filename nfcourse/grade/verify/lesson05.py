@@ -19,19 +19,23 @@ from its outputs instead of reading parameters.
 * ``invconv_lu_test``: ``weight`` starts orthogonal; after randomising every parameter,
   ``z = W x`` with the ``weight`` it reports, ``log|det W| = sum(log_s)`` (NumPy's slogdet),
   ``log_det = H W sum(log_s)`` (and finite differences), the inverse inverts.
-* ``glow_step_test``: a fresh step (mixing ``"lu"`` / ``"reverse"``) centres every channel;
-  with every parameter randomised it is a flow (log-det against finite differences, inverse)
-  one half of whose output is an affine function of the input. Built with ActNorm and the 1x1
-  convolutions replaced by layers whose maths the grader knows, its output is, for every
-  ``mixing``, that ActNorm, then that mixing, then a coupling that keeps one half unchanged
-  and is affine in the other; ``ValueError`` for an unknown mixing.
-* ``glow_test``: ``build_glow`` with ``GlowStep`` replaced by a step whose maths the grader
-  knows, for three configurations: squeezes, steps (built with the right channels and the
-  arguments passed on) and splits in the right order, and the model's ``z``, ``log_det`` and
-  ``log_prob`` equal to the grader's own computation of dequantization, squeeze, steps and
-  splits; the prior's shape. With the student's own steps (every parameter randomised) the
-  flow runs back to the pixels and its inverse log-det is minus the forward one; samples are
-  integer images.
+* ``glow_step_test``: for 2, 3, 4 and 5 channels and every mixing, judged only from what
+  the step does (how it looks its classes up is not graded): a fresh step on exactly
+  uncorrelated channels standardises like ActNorm (mean 0 everywhere, standard deviation 1
+  on the half the coupling keeps); with its trainable parameters randomised, the kept half is
+  one 1x1 affine map of the input that depends on every input channel (``"lu"``,
+  ``"plain"``) or picks one each (``"random"``; reversed for ``"reverse"``) and the rest is
+  not affine; ``"lu"`` and ``"reverse"`` steps are invertible with the finite-difference
+  log-det; the mixings differ by exactly the trainable parameter sizes of the student's own
+  ``InvConv1x1LU(C)`` / ``InvConv1x1(C)``; ``ValueError`` for an unknown mixing.
+* ``glow_test``: ``build_glow`` with the student's own steps, for four configurations (1, 2
+  and 3 input channels): every layer after the dequantization is classified from its numbers
+  (lesson 04's squeeze, a split that keeps the first half and scores the rest with the
+  prior, or a shape-preserving step), in the right order and channels, each step with the
+  trainable parameter sizes of a fresh ``GlowStep`` built with the arguments passed on;
+  ``z``, ``log_det`` and ``log_prob`` are the layers' composition; the prior's shape. With
+  every parameter randomised the flow runs back to the pixels, its inverse log-det is minus
+  the forward one, samples are integer images.
 
 The plain 1x1 convolution is checked as a flow in ``invconv_test`` only, and the steps of
 ``build_glow`` are checked in ``glow_step_test`` only: the same split of blame as the
@@ -41,6 +45,7 @@ notebook's hidden tests (see ``tests/grading/test_lesson05.py``).
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 
@@ -93,22 +98,13 @@ def _fd_check(z: np.ndarray, ld: np.ndarray, b: int, what: str) -> None:
         f"(the grader's finite differences) is {np.round(fd, 4).tolist()}")
 
 
-def _no_reference(out: dict, what: str) -> None:
-    assert float(out["ref"].reshape(-1)[0]) == 0, (
-        f"{what} is, subclasses or holds the package's reference (nfcourse.flows.ActNorm, "
-        "InvConv1x1, InvConv1x1LU or GlowStep); answers must be your own code")
-
-
-#: Kernel side: 1.0 when ``obj`` (a class or a module) is or holds a reference layer.
-_REF = """
-        _nfv_ref = __import__('nfcourse.flows.glow', fromlist=['ActNorm'])
-        _nfv_refs = (_nfv_ref.ActNorm, _nfv_ref.InvConv1x1, _nfv_ref.InvConv1x1LU,
-                     _nfv_ref.GlowStep)
-        def _nfv_is_ref(obj):
-            if isinstance(obj, type):
-                return float(issubclass(obj, _nfv_refs))
-            modules = obj.modules() if hasattr(obj, 'modules') else ()
-            return float(any(isinstance(m, _nfv_refs) for m in modules))
+#: Kernel side: the sizes of a module's trainable parameters (a frozen ``nn.Parameter``, such
+#: as an "initialised" flag or a fixed permutation, is state the answer keeps fixed; the
+#: preamble's ``_nfv_prep`` leaves those alone too).
+_PREP = """
+        def _nfv_sizes(module):
+            sizes = sorted(p.numel() for p in module.parameters() if p.requires_grad)
+            return sizes or _nfv_np.zeros(0)
 """
 
 
@@ -138,9 +134,8 @@ def check_actnorm(oracle: Oracle, rng: np.random.Generator) -> str:
     x = _shifted(rng, (b, c, 2, 3))
     probes = _fd_images(x)
     n = probes.shape[0]
-    out = oracle.query(_REF + """
+    out = oracle.query(_PREP + """
         layer = ActNorm(3).double()
-        out['ref'] = max(_nfv_is_ref(ActNorm), _nfv_is_ref(layer))
         out['n_params'] = sum(p.numel() for p in layer.parameters())
         z0, _ = layer(_nfv_torch.as_tensor(inp['x_init']))
         out['z0'] = z0
@@ -151,7 +146,6 @@ def check_actnorm(oracle: Oracle, rng: np.random.Generator) -> str:
         z1, ld1 = layer(_nfv_torch.as_tensor(inp['x'][:1]))
         out['z1'], out['ld1'] = z1, ld1
     """, x_init=x_init, x=probes, seed=[draw_seed(rng)])
-    _no_reference(out, "ActNorm")
     assert float(out["n_params"].reshape(-1)[0]) > 0, (
         "ActNorm has no learnable parameters: its shift and scale must be nn.Parameters")
     check_array("ActNorm's output on its first batch", out["z0"], x_init.shape)
@@ -210,15 +204,13 @@ def check_actnorm_init(oracle: Oracle, rng: np.random.Generator) -> str:
     c = 3
     first = _shifted(rng, (8, c, 4, 4))
     later = _shifted(rng, (8, c, 4, 4))
-    out = oracle.query(_REF + """
+    out = oracle.query(_PREP + """
         layer = ActNorm(3).double()
-        out['ref'] = max(_nfv_is_ref(ActNorm), _nfv_is_ref(layer))
         _nfv_store['actnorm_init'] = layer
         z1, _ = layer(_nfv_torch.as_tensor(inp['first']))
         z2, _ = layer(_nfv_torch.as_tensor(inp['later']))
         out['z1'], out['z2'] = z1, z2
     """, first=first, later=later)
-    _no_reference(out, "ActNorm")
     z1, z2 = out["z1"], out["z2"]
     check_array("ActNorm's output on its first batch", z1, first.shape)
     check_array("ActNorm's output on a later batch", z2, later.shape)
@@ -324,9 +316,8 @@ def check_invconv(oracle: Oracle, rng: np.random.Generator) -> str:
     x = np.concatenate([_fd_images(rng.normal(size=(1, c, 2, 2))),
                         rng.normal(size=(2, c, 2, 2))])
     wide = rng.normal(size=(2, c, 3, 5))
-    out = oracle.query(_REF + """
+    out = oracle.query(_PREP + """
         layer = InvConv1x1(4).double()
-        out['ref'] = max(_nfv_is_ref(InvConv1x1), _nfv_is_ref(layer))
         out['param'] = float(isinstance(layer.weight, _nfv_torch.nn.Parameter))
         out['w0'] = layer.weight.detach().clone()
         layer.weight.copy_(_nfv_torch.as_tensor(inp['a']))
@@ -338,7 +329,6 @@ def check_invconv(oracle: Oracle, rng: np.random.Generator) -> str:
         back, ld_back = layer.inverse(z[-2:])
         out['back'], out['ld_back'] = back, ld_back
     """, a=a, x=x, wide=wide)
-    _no_reference(out, "InvConv1x1")
     assert float(out["param"].reshape(-1)[0]) == 1, (
         "InvConv1x1 must keep its matrix as a learnable nn.Parameter `self.weight`")
     check_array("InvConv1x1.weight", out["w0"], (c, c))
@@ -362,9 +352,8 @@ def check_invconv_lu(oracle: Oracle, rng: np.random.Generator) -> str:
     x = np.concatenate([_fd_images(rng.normal(size=(1, c, 2, 2))),
                         rng.normal(size=(2, c, 2, 2))])
     wide = rng.normal(size=(2, c, 4, 3))
-    out = oracle.query(_REF + """
+    out = oracle.query(_PREP + """
         layer = InvConv1x1LU(5).double()
-        out['ref'] = max(_nfv_is_ref(InvConv1x1LU), _nfv_is_ref(layer))
         out['param'] = float(isinstance(layer.log_s, _nfv_torch.nn.Parameter))
         out['w0'], out['log_s0'] = layer.weight.detach().clone(), layer.log_s.detach().clone()
         _nfv_prep(layer, inp['seed'][0], 0.3)
@@ -376,7 +365,6 @@ def check_invconv_lu(oracle: Oracle, rng: np.random.Generator) -> str:
         back, ld_back = layer.inverse(z[-2:])
         out['back'], out['ld_back'] = back, ld_back
     """, x=x, wide=wide, seed=[draw_seed(rng)])
-    _no_reference(out, "InvConv1x1LU")
     assert float(out["param"].reshape(-1)[0]) == 1, (
         "InvConv1x1LU must keep log|s| as a learnable nn.Parameter `self.log_s`")
     check_array("InvConv1x1LU.weight", out["w0"], (c, c))
@@ -414,104 +402,144 @@ def check_invconv_lu(oracle: Oracle, rng: np.random.Generator) -> str:
 
 
 # ------------------------------------------------------------------------------ GlowStep
-#: Kernel side: an ActNorm and two 1x1 convolutions whose maths the grader knows (no
-#: parameters, so randomising the step's parameters leaves them alone), put in the place of
-#: the student's while ``GlowStep`` is built; ``_NfvKnownStep`` likewise for ``build_glow``.
-_KNOWN = """
-        class _NfvActNorm(_nfv_torch.nn.Module):
-            def __init__(self, num_channels):
-                super().__init__()
-                i = _nfv_torch.arange(int(num_channels), dtype=_nfv_torch.float64)
-                self.register_buffer('a', _nfv_torch.exp(0.3 * _nfv_torch.sin(1.7 * i + 0.5)))
-                self.register_buffer('b', 0.5 * _nfv_torch.cos(2.3 * i + 0.3))
-            def forward(self, x, context=None):
-                z = x * self.a.view(1, -1, 1, 1) + self.b.view(1, -1, 1, 1)
-                ld = x.shape[2] * x.shape[3] * _nfv_torch.log(self.a).sum()
-                return z, ld.expand(x.shape[0])
-            def inverse(self, z, context=None):
-                x = (z - self.b.view(1, -1, 1, 1)) / self.a.view(1, -1, 1, 1)
-                ld = -z.shape[2] * z.shape[3] * _nfv_torch.log(self.a).sum()
-                return x, ld.expand(z.shape[0])
-        class _NfvMix(_nfv_torch.nn.Module):
-            def __init__(self, num_channels):
-                super().__init__()
-                c = int(num_channels)
-                i = _nfv_torch.arange(c, dtype=_nfv_torch.float64)
-                w = (_nfv_torch.diag(1.0 + 0.4 * _nfv_torch.cos(i * self.freq))
-                     + 0.3 * _nfv_torch.sin(self.freq * i.view(-1, 1) + 0.7 * i.view(1, -1)
-                                            + 0.2))
-                self.register_buffer('w', w)
-            def forward(self, x, context=None):
-                ld = x.shape[2] * x.shape[3] * _nfv_torch.linalg.slogdet(self.w)[1]
-                return _nfv_torch.einsum('ij,bjhw->bihw', self.w, x), ld.expand(x.shape[0])
-            def inverse(self, z, context=None):
-                ld = -z.shape[2] * z.shape[3] * _nfv_torch.linalg.slogdet(self.w)[1]
-                return (_nfv_torch.einsum('ij,bjhw->bihw', _nfv_torch.linalg.inv(self.w), z),
-                        ld.expand(z.shape[0]))
-        class _NfvMixLU(_NfvMix):
-            freq = 1.3
-        class _NfvMixPlain(_NfvMix):
-            freq = 0.6
-        _nfv_known = {'ActNorm': _NfvActNorm, 'InvConv1x1LU': _NfvMixLU,
-                      'InvConv1x1': _NfvMixPlain}
-"""
+def _whitened(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Images whose channels, over batch and pixels, have very different means and spreads
+    but are exactly uncorrelated: once ActNorm standardises them, any rotation of the
+    channels (the 1x1 convolution starts as one) keeps every channel at standard deviation 1,
+    so a fresh step's output statistics are known here whatever rotation it drew."""
+    b, c, hh, ww = shape
+    n = b * hh * ww
+    cols = rng.normal(size=(n, c))
+    q, _ = np.linalg.qr(cols - cols.mean(axis=0))  # orthonormal, zero-mean columns
+    scale = rng.uniform(0.3, 5.0, size=c)
+    loc = rng.uniform(-6.0, 8.0, size=c)
+    x = q * math.sqrt(n) * scale + loc
+    return x.reshape(b, hh, ww, c).transpose(0, 3, 1, 2).copy()
 
 
-def _known_actnorm(c: int) -> tuple[np.ndarray, np.ndarray]:
-    i = np.arange(c, dtype=float)
-    return np.exp(0.3 * np.sin(1.7 * i + 0.5)), 0.5 * np.cos(2.3 * i + 0.3)
+def _affine_rows(x: np.ndarray, z: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """Output channels of ``z`` that are one affine map of the input's channel vector at every
+    pixel (a 1x1 map: ``z[:, j, p] = m_j . x[:, :, p] + b_j``), and the matrix of their ``m_j``
+    (identified here by least squares over batch and pixels)."""
+    b, c, hh, ww = x.shape
+    design = np.concatenate([x.transpose(0, 2, 3, 1).reshape(-1, c),
+                             np.ones((b * hh * ww, 1))], axis=1)
+    rows, mats = [], []
+    for j in range(z.shape[1]):
+        target = z[:, j].reshape(-1)
+        coef, *_ = np.linalg.lstsq(design, target, rcond=None)
+        residual = float(np.max(np.abs(design @ coef - target)) / (1 + np.max(np.abs(target))))
+        if residual < 1e-9:
+            rows.append(j)
+            mats.append(coef[:c])
+    return rows, np.array(mats).reshape(len(rows), c)
 
 
-def _known_mix(c: int, freq: float) -> np.ndarray:
-    i = np.arange(c, dtype=float)
-    return np.diag(1.0 + 0.4 * np.cos(i * freq)) + 0.3 * np.sin(
-        freq * i[:, None] + 0.7 * i[None, :] + 0.2)
-
-
-_KNOWN_FREQ = {"lu": 1.3, "plain": 0.6}
-
-
-def _real_step(oracle: Oracle, rng: np.random.Generator, mixing: str) -> None:
-    """The student's own step as a flow (fresh centring, then random parameters)."""
-    c, b = 4, 2
-    what = f"GlowStep(4, hidden=8, num_layers=1, mixing={mixing!r})"
-    first = _shifted(rng, (8, c, 2, 2))
-    x = rng.normal(size=(b, c, 2, 2))
-    d = rng.normal(size=(b, c, 2, 2)) * 0.5
-    probes = np.concatenate([_fd_images(x), x + d, x - d])
-    out = oracle.query(_REF + f"""
-        step = GlowStep(4, hidden=8, num_layers=1, mixing={mixing!r}).double()
-        out['ref'] = max(_nfv_is_ref(GlowStep), _nfv_is_ref(step))
-        z0, _ = step(_nfv_torch.as_tensor(inp['first']))
-        out['z0'] = z0
-        _nfv_prep(step, inp['seed'][0], 0.2)
-        z, ld = step(_nfv_torch.as_tensor(inp['x']))
-        out['z'], out['ld'] = z, ld
-        z1, _ = step(_nfv_torch.as_tensor(inp['x'][:1]))
-        out['z1'] = z1
-        back, ld_back = step.inverse(z[:{b}])
-        out['back'], out['ld_back'] = back, ld_back
-    """, first=first, x=probes, seed=[draw_seed(rng)])
-    _no_reference(out, what)
-    check_array(f"{what}'s output on its first batch", out["z0"], first.shape)
-    mean = out["z0"].mean(axis=(0, 2, 3))
-    assert np.max(np.abs(mean)) < 1e-6 * (1 + np.max(np.abs(out["z0"]))), (
+def _step_structure(oracle: Oracle, rng: np.random.Generator, mixing: str, c: int) -> None:
+    """What the lesson asks of a step, seen from its numbers: a fresh step standardises every
+    channel like ActNorm; with random parameters the half the coupling keeps is a 1x1 map of
+    the input that mixes every input channel (a learned 1x1 convolution) or picks one each
+    (reversed or shuffled), and the rest is not affine (the coupling works)."""
+    what = f"GlowStep({c}, hidden=8, num_layers=1, mixing={mixing!r})"
+    first = _whitened(rng, (6, c, 3, 3))
+    x = rng.normal(size=(6, c, 3, 3)) * 1.5
+    out = oracle.query(_PREP + f"""
+        step = GlowStep({c}, hidden=8, num_layers=1, mixing={mixing!r}).double()
+        out['z0'] = step(_nfv_torch.as_tensor(inp['first']))[0]
+        _nfv_prep(step, inp['seed'][0], 0.3)
+        out['z'], out['ld'] = step(_nfv_torch.as_tensor(inp['x']))
+    """, first=first, x=x, seed=[draw_seed(rng)])
+    z0, z = out["z0"], out["z"]
+    check_array(f"{what}'s output on its first batch", z0, first.shape)
+    check_array(f"{what}'s z", z, x.shape)
+    check_array(f"{what}'s log_det", out["ld"], (len(x),))
+    rows, m = _affine_rows(x, z)
+    k = c // 2
+    assert len(rows) in (k, c - k), (
+        f"{what} with random parameters: {len(rows)} of the {c} output channels are a 1x1 "
+        f"affine map of the input; a step's coupling passes {k} of them (one half) through "
+        "unchanged and transforms the rest with a scale and shift computed from that half "
+        "(is the coupling's network still zero, or does it change both halves?)")
+    scale = float(np.max(np.abs(m)))
+    links = np.abs(m) > 1e-6 * scale
+    if mixing in ("lu", "plain"):
+        assert links.all(), (
+            f"{what} with random parameters: the half the coupling keeps does not depend on "
+            "every input channel (the grader measured which ones it depends on: "
+            f"{links.astype(int).tolist()}); a learned 1x1 convolution mixes all channels "
+            "before the coupling")
+    else:
+        assert np.all(links.sum(axis=1) == 1) and len(set(np.argmax(links, axis=1))) == len(rows), (
+            f"{what}: with a fixed permutation each channel the coupling keeps must be one "
+            "input channel (scaled and shifted by ActNorm); the grader finds that they depend "
+            f"on {links.astype(int).tolist()}")
+        if mixing == "reverse":
+            picked = np.argmax(links, axis=1)
+            assert all(int(p) == c - 1 - j for j, p in zip(rows, picked, strict=True)), (
+                f"{what}: output channel j of the kept half must be input channel C - 1 - j "
+                f"(the channels reversed); the grader finds channels {picked.tolist()} for "
+                f"outputs {rows}")
+    # a fresh step: ActNorm standardised the input, an orthogonal mixing or a permutation
+    # kept that, and the kept half passed through: mean 0 everywhere, std 1 on the kept half
+    mean = z0.mean(axis=(0, 2, 3))
+    assert np.max(np.abs(mean)) < 1e-6 * (1 + np.max(np.abs(z0))), (
         f"{what}: on its first batch a fresh step is ActNorm (which centres every channel), "
         "a linear mixing and a coupling that starts as the identity, so every channel of its "
         f"output has mean 0; the grader measures {np.round(mean, 4).tolist()}. Is ActNorm "
         "first, and does the coupling's network start at zero?")
+    flat = z0[:, rows].transpose(1, 0, 2, 3).reshape(len(rows), -1)
+    spread = min(float(np.max(np.abs(flat.std(axis=1, ddof=d) - 1))) for d in (0, 1))
+    assert spread < 1e-3, (
+        f"{what}: on its first batch (channels uncorrelated, with very different means and "
+        "spreads) the channels the coupling passes through must come out with standard "
+        f"deviation 1 (ActNorm's initialisation, then a rotation); they are off by {spread:.3g}")
+
+
+def _step_parameters(oracle: Oracle, c: int) -> None:
+    """The mixings differ by exactly the student's own 1x1 layer's trainable parameters:
+    ``mixing="lu"`` holds one more ``InvConv1x1LU(C)``'s worth than ``"reverse"``,
+    ``"plain"`` one ``InvConv1x1(C)``'s, ``"random"`` none (found from parameter sizes, not
+    from class names: however the step looks its classes up)."""
+    out = oracle.query(_PREP + f"""
+        for mixing in ('lu', 'plain', 'reverse', 'random'):
+            out[mixing] = _nfv_sizes(GlowStep({c}, hidden=8, num_layers=1, mixing=mixing))
+        out['lu_layer'] = _nfv_sizes(InvConv1x1LU({c}))
+        out['plain_layer'] = _nfv_sizes(InvConv1x1({c}))
+    """)
+    sizes = {k: Counter(int(v) for v in out[k].reshape(-1)) for k in out}
+    base = sizes["reverse"]
+    for mixing, layer in (("lu", "lu_layer"), ("plain", "plain_layer"), ("random", None)):
+        extra, missing = sizes[mixing] - base, base - sizes[mixing]
+        want = sizes[layer] if layer else Counter()
+        name = {"lu": f"InvConv1x1LU({c})", "plain": f"InvConv1x1({c})"}.get(mixing)
+        assert extra == want and not missing, (
+            f"GlowStep({c}, mixing={mixing!r}) has trainable parameters of sizes "
+            f"{sorted(sizes[mixing].elements())}, mixing='reverse' {sorted(base.elements())}: "
+            + (f"the difference must be one {name} of yours ({sorted(want.elements())})" if name
+               else "a random permutation learns nothing, so they must be the same"))
+
+
+def _real_step(oracle: Oracle, rng: np.random.Generator, mixing: str, c: int) -> None:
+    """The student's own step as a flow with random parameters: log-det against finite
+    differences, the inverse, one image independent of the rest of the batch."""
+    b = 2
+    what = f"GlowStep({c}, hidden=8, num_layers=1, mixing={mixing!r})"
+    first = _shifted(rng, (8, c, 2, 2))
+    x = rng.normal(size=(b, c, 2, 2))
+    probes = _fd_images(x)
+    out = oracle.query(_PREP + f"""
+        step = GlowStep({c}, hidden=8, num_layers=1, mixing={mixing!r}).double()
+        step(_nfv_torch.as_tensor(inp['first']))
+        _nfv_prep(step, inp['seed'][0], 0.2)
+        z, ld = step(_nfv_torch.as_tensor(inp['x']))
+        out['z'], out['ld'] = z, ld
+        out['z1'] = step(_nfv_torch.as_tensor(inp['x'][:1]))[0]
+        out['back'], out['ld_back'] = step.inverse(z[:{b}])
+    """, first=first, x=probes, seed=[draw_seed(rng)])
     z, ld = out["z"], out["ld"]
     check_array(f"{what}'s z", z, probes.shape)
     check_array(f"{what}'s log_det", ld, (probes.shape[0],))
-    n_fd = (2 * c * 4 + 1) * b
-    base, up, down = z[:b], z[n_fd:n_fd + b], z[n_fd + b:]
-    bend = [float(np.max(np.abs(up[:, h] + down[:, h] - 2 * base[:, h])))
-            for h in (slice(0, c // 2), slice(c // 2, c))]
-    assert min(bend) < 1e-8 * (1 + np.max(np.abs(base))), (
-        f"{what} with random parameters: neither half of the output is an affine function of "
-        "the input, so the coupling changes the half it is conditioned on (z_a must be x_a "
-        "unchanged; only the other half is scaled and shifted)")
-    assert _err(out["z1"].reshape(1, -1), base[:1].reshape(1, -1)) < EXACT, (
+    assert _err(out["z1"].reshape(1, -1), z[:1].reshape(1, -1)) < EXACT, (
         f"{what}: the output for one image depends on the other images of the batch")
     check_array(f"{what}.inverse's x", out["back"], x.shape)
     worst = _err(out["back"], x)
@@ -523,107 +551,18 @@ def _real_step(oracle: Oracle, rng: np.random.Generator, mixing: str) -> None:
     _fd_check(z, ld, b, f"{what} with random parameters")
 
 
-def _known_step(oracle: Oracle, rng: np.random.Generator, mixing: str) -> None:
-    """The step built with ActNorm and the 1x1 convolutions the grader knows."""
-    c, b, k = 4, 2, 2
-    what = f"GlowStep(4, mixing={mixing!r})"
-    x = rng.normal(size=(b, c, 2, 2))
-    a, shift = _known_actnorm(c)
-    if mixing in _KNOWN_FREQ:
-        mat = _known_mix(c, _KNOWN_FREQ[mixing])
-    elif mixing == "reverse":
-        mat = np.eye(c)[::-1]
-    else:
-        mat = None
-    probes = [_fd_images(x)]
-    if mat is not None:  # directions that move only one half of the mixing's output
-        for half in (slice(0, k), slice(k, c)):
-            du = np.zeros((b, c, 2, 2))
-            du[:, half] = rng.normal(size=(b, c - k, 2, 2)) * 0.7
-            dx = _pixelwise(np.linalg.inv(mat), du) / a.reshape(1, c, 1, 1)
-            probes += [x + dx, x - dx]
-    probes = np.concatenate(probes)
-    out = oracle.query(_KNOWN + f"""
-        _g = globals()
-        saved = {{n: _g[n] for n in _nfv_known if n in _g}}
-        _g.update(_nfv_known)
-        try:
-            step = GlowStep(4, hidden=8, num_layers=1, mixing={mixing!r})
-        finally:
-            for n in _nfv_known:
-                if n in saved:
-                    _g[n] = saved[n]
-                else:
-                    _g.pop(n, None)
-        out['counts'] = [sum(isinstance(m, t) for m in step.modules())
-                         for t in (_NfvActNorm, _NfvMixLU, _NfvMixPlain)]
-        step = _nfv_prep(step, inp['seed'][0], 0.3)
-        z, ld = step(_nfv_torch.as_tensor(inp['x']))
-        out['z'], out['ld'] = z, ld
-    """, x=probes, seed=[draw_seed(rng)])
-    counts = out["counts"].reshape(-1)
-    assert counts[0] == 1, (
-        f"{what} must build exactly one ActNorm with ActNorm(num_channels) (the grader put a "
-        f"layer of its own in ActNorm's place and found {int(counts[0])})")
-    wanted = {"lu": [1, 0], "plain": [0, 1]}.get(mixing, [0, 0])
-    assert list(counts[1:]) == wanted, (
-        f"{what} must mix channels with "
-        + {"lu": "InvConv1x1LU(num_channels)", "plain": "InvConv1x1(num_channels)"}.get(
-            mixing, "a fixed permutation (nfcourse.flows."
-            + ("ReversePermutation" if mixing == "reverse" else "RandomPermutation")
-            + "), not a 1x1 convolution")
-        + f" (the grader counted {int(counts[1])} InvConv1x1LU and {int(counts[2])} "
-        "InvConv1x1 built)")
-    z, ld = out["z"], out["ld"]
-    check_array(f"{what}'s z", z, probes.shape)
-    check_array(f"{what}'s log_det", ld, (probes.shape[0],))
-    v = _channel_map(x, a, shift)
-    base = z[:b]
-    if mat is None:  # a random shuffle: one half must be channels of ActNorm's output
-        found = []
-        for half in (range(0, k), range(k, c)):
-            pick = [j for i in half for j in range(c)
-                    if _err(base[:, i], v[:, j]) < EXACT]
-            found.append(len(set(pick)) == len(half))
-        assert any(found), (
-            f"{what}: no half of the output is a set of channels of ActNorm's output: the "
-            "step must run ActNorm, then the permutation, then a coupling that passes one "
-            "half through unchanged")
-        _fd_check(z, ld, b, what)
-        return
-    u = _pixelwise(mat, v)
-    kept = [h for h in (slice(0, k), slice(k, c)) if _err(base[:, h], u[:, h]) < EXACT]
-    assert kept, (
-        f"{what}: built with an ActNorm and a mixing whose maths the grader knows, the step's "
-        "output does not contain the mixing's output for the first C // 2 channels unchanged: "
-        "the step must run ActNorm, then the mixing, then a coupling that passes the first "
-        "half through and only scales and shifts the second")
-    keep = kept[0]
-    free = slice(k, c) if keep.start == 0 else slice(0, k)
-    # probes that move only the free half: z_free must be affine there, log_det constant
-    i = 1 if keep.start == 0 else 0
-    n_fd = (2 * c * 4 + 1) * b
-    up = z[n_fd + 2 * i * b: n_fd + (2 * i + 1) * b]
-    down = z[n_fd + (2 * i + 1) * b: n_fd + (2 * i + 2) * b]
-    assert np.max(np.abs(base[:, free] - u[:, free])) > 1e-3, (
-        f"{what}: with random network weights the coupling is still the identity")
-    bend = float(np.max(np.abs(up[:, free] + down[:, free] - 2 * base[:, free])))
-    assert bend < 1e-8 * (1 + np.max(np.abs(base))), (
-        f"{what}: the coupling's output is not an affine function of the half it changes "
-        "(z_b = x_b * exp(s) + t with s and t computed from the kept half only)")
-    ld_moved = ld[n_fd + 2 * i * b: n_fd + (2 * i + 2) * b]
-    assert np.max(np.abs(ld_moved - np.concatenate([ld[:b], ld[:b]]))) < 1e-8 * (
-        1 + np.max(np.abs(ld))), (
-        f"{what}: log_det changes with the half the coupling changes; s must depend on the "
-        "kept half only")
-    _fd_check(z, ld, b, f"{what} with known ActNorm and mixing")
+#: channel counts every step check tries: odd and even, the smallest a coupling can split
+STEP_CHANNELS = (2, 3, 4, 5)
 
 
 def check_glow_step(oracle: Oracle, rng: np.random.Generator) -> str:
-    for mixing in ("lu", "reverse"):
-        _real_step(oracle, rng, mixing)
-    for mixing in ("lu", "plain", "reverse", "random"):
-        _known_step(oracle, rng, mixing)
+    for c in STEP_CHANNELS:
+        for mixing in ("lu", "reverse"):
+            _real_step(oracle, rng, mixing, c)
+        for mixing in ("lu", "plain", "reverse", "random"):
+            _step_structure(oracle, rng, mixing, c)
+    for c in (3, 4):
+        _step_parameters(oracle, c)
     out = oracle.query("""
         try:
             GlowStep(4, hidden=8, num_layers=1, mixing='shuffle')
@@ -636,67 +575,14 @@ def check_glow_step(oracle: Oracle, rng: np.random.Generator) -> str:
     raised = float(out["raised"].reshape(-1)[0])
     assert raised == 1, ("GlowStep(4, mixing='shuffle') must raise a ValueError"
                          + (" (it raised another exception)" if raised == 2 else ""))
-    return ("fresh step centres each channel; random parameters: invertible, log_det = "
-            "finite differences, one half affine (lu, reverse); with known ActNorm and mixing: "
-            "ActNorm -> mixing -> coupling for all four mixings; ValueError otherwise")
+    return (f"C = {', '.join(map(str, STEP_CHANNELS))}, every mixing: a fresh step standardises "
+            "like ActNorm; random parameters: the kept half is a 1x1 map mixing every channel "
+            "(lu, plain) or picking one (reverse, random), the rest transformed; invertible "
+            "with log_det = finite differences (lu, reverse); the mixings differ by your 1x1 "
+            "layers' parameters; ValueError otherwise")
 
 
 # ------------------------------------------------------------------------------ build_glow
-_KNOWN_STEP = """
-        class _NfvKnownStep(_nfv_torch.nn.Module):
-            codes = {'lu': 1, 'plain': 2, 'reverse': 3, 'random': 4}
-            def __init__(self, num_channels, hidden=32, num_layers=1, mixing='lu'):
-                super().__init__()
-                c = int(num_channels)
-                def num(v):
-                    try:
-                        return float(v)
-                    except Exception:
-                        return -1.0
-                _nfv_store['glow_steps'].append(
-                    [c, num(hidden), num(num_layers),
-                     float(self.codes.get(mixing, -1) if isinstance(mixing, str) else -1)])
-                i = _nfv_torch.arange(c, dtype=_nfv_torch.float64)
-                self.c = c
-                self.register_buffer('a', _nfv_torch.exp(0.25 * _nfv_torch.sin(1.3 * i + 0.4)))
-                self.register_buffer('b', 0.3 * _nfv_torch.cos(0.9 * i + 0.1))
-            def _sm(self, kept):
-                m = kept.mean(dim=1, keepdim=True)
-                return 0.4 * _nfv_torch.tanh(m + 0.2), 0.5 * _nfv_torch.sin(m)
-            def forward(self, x, context=None):
-                if x.dim() != 4 or x.shape[1] != self.c:
-                    raise ValueError(f'GlowStep({self.c}) received a batch of shape '
-                                     f'{tuple(x.shape)}')
-                a, b, k = self.a.view(1, -1, 1, 1), self.b.view(1, -1, 1, 1), self.c // 2
-                v = (x * a + b).flip(1)
-                s, t = self._sm(v[:, :k])
-                z = _nfv_torch.cat([v[:, :k], v[:, k:] * _nfv_torch.exp(s) + t], dim=1)
-                ld = (x.shape[2] * x.shape[3] * _nfv_torch.log(self.a).sum()
-                      + (self.c - k) * s.flatten(1).sum(1))
-                return z, ld
-            def inverse(self, z, context=None):
-                a, b, k = self.a.view(1, -1, 1, 1), self.b.view(1, -1, 1, 1), self.c // 2
-                s, t = self._sm(z[:, :k])
-                v = _nfv_torch.cat([z[:, :k], (z[:, k:] - t) * _nfv_torch.exp(-s)], dim=1)
-                x = (v.flip(1) - b) / a
-                ld = -(z.shape[2] * z.shape[3] * _nfv_torch.log(self.a).sum()
-                       + (self.c - k) * s.flatten(1).sum(1))
-                return x, ld
-"""
-
-
-def _known_glow_step(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The grader's copy of the kernel's ``_NfvKnownStep``."""
-    b, c, hh, ww = x.shape
-    i = np.arange(c, dtype=float)
-    a, shift, k = np.exp(0.25 * np.sin(1.3 * i + 0.4)), 0.3 * np.cos(0.9 * i + 0.1), c // 2
-    v = _channel_map(x, a, shift)[:, ::-1]
-    m = v[:, :k].mean(axis=1, keepdims=True)
-    s, t = 0.4 * np.tanh(m + 0.2), 0.5 * np.sin(m)
-    z = np.concatenate([v[:, :k], v[:, k:] * np.exp(s) + t], axis=1)
-    return z, hh * ww * np.log(a).sum() + (c - k) * s.reshape(b, -1).sum(axis=1)
-
-
 def _squeeze(x: np.ndarray) -> np.ndarray:
     """``out[b, 4c + 2i + j, h, w] = x[b, c, 2h + i, 2w + j]`` (lesson 04's order)."""
     b, c, hh, ww = x.shape
@@ -708,30 +594,32 @@ def _log_normal(z: np.ndarray) -> np.ndarray:
     return (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).reshape(z.shape[0], -1).sum(axis=1)
 
 
-def _expected_glow(x: np.ndarray, u: np.ndarray, alpha: float, levels: int, scales: int,
-                   steps: int) -> dict:
-    """What ``build_glow`` with the known step must compute: z, log_det, the layer kinds
-    (1 dequantization, 2 squeeze, 3 step, 4 split) and the channels each step is built for."""
-    d = int(np.prod(x.shape[1:]))
-    v = alpha + (1 - 2 * alpha) * (x + u) / levels
-    z = np.log(v) - np.log1p(-v)
-    ld = (math.log(1 - 2 * alpha) - np.log(v) - np.log1p(-v)).reshape(x.shape[0], -1).sum(1)
-    ld = ld - d * math.log(levels)
-    kinds, channels = [1], []
+def _expected_kinds(shape: tuple[int, int, int], scales: int, steps: int
+                    ) -> tuple[list[str], list[int]]:
+    """The lesson's layer order after the dequantization and the channels of each step."""
+    kinds, channels, c = [], [], shape[0]
     for scale in range(scales):
-        z = _squeeze(z)
-        kinds.append(2)
-        for _ in range(steps):
-            z, step_ld = _known_glow_step(z)
-            ld = ld + step_ld
-            kinds.append(3)
-            channels.append(z.shape[1])
+        kinds.append("squeeze")
+        c *= 4
+        kinds += ["step"] * steps
+        channels += [c] * steps
         if scale < scales - 1:
-            half = z.shape[1] // 2
-            ld = ld + _log_normal(z[:, half:])
-            z = z[:, :half]
-            kinds.append(4)
-    return {"z": z, "ld": ld, "kinds": kinds, "channels": channels}
+            kinds.append("split")
+            c //= 2
+    return kinds, channels
+
+
+def _kind(a: np.ndarray, y: np.ndarray, ld: np.ndarray) -> str:
+    """What one layer did to its input, judged from the numbers alone."""
+    if y.shape == a.shape:
+        return "step"
+    if y.ndim == 4 and y.shape[1:] == (4 * a.shape[1], a.shape[2] // 2, a.shape[3] // 2):
+        return "squeeze" if np.array_equal(y, _squeeze(a)) and np.all(ld == 0) else "other"
+    if y.ndim == 4 and y.shape[1:] == (a.shape[1] // 2, *a.shape[2:]):
+        half = a.shape[1] // 2
+        good = np.array_equal(y, a[:, :half]) and _err(ld, _log_normal(a[:, half:])) < EXACT
+        return "split" if good else "other"
+    return "other"
 
 
 _NOISE = """
@@ -742,6 +630,10 @@ _NOISE = """
                 m.forward = (lambda x, context=None, _m=m: type(_m).forward(
                     _m, x, context, noise=_nfv_torch.as_tensor(noise)))
             return deqs
+        def _nfv_flat(m):
+            if isinstance(m, _nfv_flows.Compose):
+                return [leaf for sub in m.layers for leaf in _nfv_flat(sub)]
+            return [m]
 """
 
 _GLOW_CASES = (
@@ -749,6 +641,7 @@ _GLOW_CASES = (
     ((1, 8, 8), 2, 2, 8, 1, "lu"),
     ((1, 8, 8), 3, 1, 4, 2, "reverse"),
     ((2, 4, 8), 2, 1, 6, 1, "plain"),
+    ((3, 4, 4), 2, 1, 5, 1, "random"),
 )
 
 
@@ -759,86 +652,94 @@ def _glow_structure(oracle: Oracle, rng: np.random.Generator, case: tuple) -> No
     b = 2
     x = rng.integers(0, 256, size=(b, *shape)).astype(float)
     u = rng.uniform(size=x.shape)
-    out = oracle.query(_REF + _KNOWN_STEP + _NOISE + f"""
-        _g = globals()
-        _nfv_store['glow_steps'] = []
-        saved = _g.get('GlowStep', None)
-        _g['GlowStep'] = _NfvKnownStep
-        try:
-            model = build_glow(shape={shape!r}, num_scales={scales}, steps_per_scale={steps},
-                               hidden={hidden}, num_layers={layers}, mixing={mixing!r})
-        finally:
-            if saved is None:
-                _g.pop('GlowStep', None)
-            else:
-                _g['GlowStep'] = saved
-        out['ref'] = _nfv_is_ref(model)
+    out = oracle.query(_PREP + _NOISE + f"""
+        model = build_glow(shape={shape!r}, num_scales={scales}, steps_per_scale={steps},
+                           hidden={hidden}, num_layers={layers}, mixing={mixing!r})
         out['flow_model'] = float(isinstance(model, _nfv_flows.FlowModel))
-        out['steps'] = _nfv_store['glow_steps'] or _nfv_np.zeros((0, 4))
-        kinds = []
-        for m in model.flow.modules():
-            if isinstance(m, _nfv_flows.Dequantization):
-                kinds.append(1)
-            elif isinstance(m, _nfv_flows.Squeeze):
-                kinds.append(2)
-            elif isinstance(m, _NfvKnownStep):
-                kinds.append(3)
-            elif isinstance(m, _nfv_flows.Split):
-                kinds.append(4)
-        out['kinds'] = kinds
         out['prior'] = list(model.prior.shape)
         out['data_shape'] = list(model.data_shape)
         model = model.double()
+        layers = _nfv_flat(model.flow)
+        out['n'] = [len(layers)]
+        out['first_deq'] = [float(isinstance(layers[0], _nfv_flows.Dequantization))]
         deqs = _nfv_fix_noise(model, inp['u'])
         out['deq'] = [[float(m.alpha), float(m.levels)] for m in deqs] or _nfv_np.zeros((0, 2))
-        z, ld = model.flow(_nfv_torch.as_tensor(inp['x']))
-        out['z'], out['ld'] = z, ld
         try:
-            out['lp'] = model.log_prob(_nfv_torch.as_tensor(inp['x']))
-        except Exception:
-            out['lp'] = _nfv_np.full(len(inp['x']), _nfv_np.nan)
-        for m in deqs:
-            del m.forward
+            h = _nfv_torch.as_tensor(inp['x'])
+            for i, layer in enumerate(layers):
+                y, ld = layer(h)
+                out[f'h{{i}}'], out[f'ld{{i}}'] = y, ld
+                if i and tuple(y.shape) == tuple(h.shape):
+                    # a step: its sizes, and those of a fresh step run on the same input
+                    # (a layer may size its parameters on its first batch)
+                    fresh = GlowStep(y.shape[1], hidden={hidden}, num_layers={layers},
+                                     mixing={mixing!r}).double()
+                    fresh(h)
+                    out[f'p{{i}}'], out[f'g{{i}}'] = _nfv_sizes(layer), _nfv_sizes(fresh)
+                h = y
+            z, ld = model.flow(_nfv_torch.as_tensor(inp['x']))
+            out['z'], out['ld'] = z, ld
+            try:
+                out['lp'] = model.log_prob(_nfv_torch.as_tensor(inp['x']))
+            except Exception:
+                out['lp'] = _nfv_np.full(len(inp['x']), _nfv_np.nan)
+        finally:
+            for m in deqs:
+                del m.forward
     """, x=x, u=u)
-    _no_reference(out, what)
     assert float(out["flow_model"].reshape(-1)[0]) == 1, (
         f"{what} must return a nfcourse.flows.FlowModel")
-    kinds = [int(k) for k in out["kinds"].reshape(-1)]
     deq = out["deq"].reshape(-1, 2)
-    assert kinds[:1] == [1] and len(deq) == 1, (
+    assert float(out["first_deq"].reshape(-1)[0]) == 1 and len(deq) == 1, (
         f"{what}: the flow must start with one dequantization layer "
         "(nfcourse.flows.Dequantization())")
     alpha, levels = float(deq[0, 0]), int(deq[0, 1])
     assert levels == 256 and 0 <= alpha < 0.5, (
         f"{what}: the dequantization must be for 256 levels (Dequantization()), got {levels}")
-    want = _expected_glow(x, u, alpha, levels, scales, steps)
-    names = {1: "dequantization", 2: "squeeze", 3: "GlowStep", 4: "split"}
-    assert kinds == want["kinds"], (
-        f"{what}: the layers come in the order {[names[k] for k in kinds]}; expected "
-        f"{[names[k] for k in want['kinds']]}")
-    args = out["steps"].reshape(-1, 4)
-    expected_args = [[c, hidden, layers, MIXINGS[mixing]] for c in want["channels"]]
-    assert args.tolist() == expected_args, (
-        f"{what}: the steps were built as GlowStep(num_channels, hidden, num_layers, mixing) "
-        f"with {[[int(a[0]), a[1], a[2], MIXING_NAMES.get(int(a[3]), '?')] for a in args]}; "
-        f"expected {[[a[0], a[1], a[2], mixing] for a in expected_args]} (the channels after "
-        "each squeeze and split, and the arguments passed on)")
+    v = alpha + (1 - 2 * alpha) * (x + u) / levels
+    ld0 = (math.log(1 - 2 * alpha) - np.log(v) - np.log1p(-v)).reshape(b, -1).sum(1) \
+        - x[0].size * math.log(levels)
+    assert _err(out["h0"], np.log(v) - np.log1p(-v)) < EXACT and _err(out["ld0"], ld0) < EXACT, (
+        f"{what}: the first layer is not the lesson's dequantization (given its noise)")
+    n = int(out["n"].reshape(-1)[0])
+    kinds, total, h = [], out["ld0"].copy(), out["h0"]
+    for i in range(1, n):
+        y, ld = out[f"h{i}"], out[f"ld{i}"]
+        check_array(f"{what}: layer {i}'s log_det", ld, (b,))
+        assert np.all(np.isfinite(y)), f"{what}: layer {i} gives NaN or Inf"
+        kinds.append(_kind(h, y, ld))
+        total, h = total + ld, y
+    want, channels = _expected_kinds(shape, scales, steps)
+    assert kinds == want, (
+        f"{what}: after the dequantization the layers act as {kinds} (judged from what each "
+        f"does to its input; 'other' is none of a squeeze in lesson 04's order, a split that "
+        f"keeps the first half and scores the other with the prior, or a step); expected {want}")
+    steps_at = [i for i, k in enumerate(kinds, start=1) if k == "step"]
+    got_channels = [int(out[f"h{i}"].shape[1]) for i in steps_at]
+    assert got_channels == channels, (
+        f"{what}: the steps act on {got_channels} channels; expected {channels}")
+    for i, c in zip(steps_at, channels, strict=True):
+        got = sorted(int(s) for s in out[f"p{i}"].reshape(-1))
+        fresh = sorted(int(s) for s in out[f"g{i}"].reshape(-1))
+        assert got == fresh, (
+            f"{what}: the step on {c} channels (layer {i}) has trainable parameters of sizes "
+            f"{got}, but GlowStep({c}, hidden={hidden}, num_layers={layers}, mixing={mixing!r}) "
+            f"has {fresh}: build every step with the channels it sees and pass hidden, "
+            "num_layers and mixing on")
     prior = tuple(int(s) for s in out["prior"].reshape(-1))
-    assert prior == want["z"].shape[1:], (
-        f"{what}: the prior must be StandardNormal({want['z'].shape[1:]}), the last scale's "
-        f"latent; got shape {prior}")
+    assert prior == h.shape[1:], (
+        f"{what}: the prior must be StandardNormal({h.shape[1:]}), the last scale's latent; got "
+        f"shape {prior}")
     data_shape = tuple(int(s) for s in out["data_shape"].reshape(-1))
     assert data_shape == shape, f"{what}: data_shape must be {shape}, got {data_shape}"
-    check_array(f"{what}: the flow's z", out["z"], want["z"].shape)
+    check_array(f"{what}: the flow's z", out["z"], h.shape)
     check_array(f"{what}: the flow's log_det", out["ld"], (b,))
-    assert _err(out["z"], want["z"]) < EXACT, (
-        f"{what}: with GlowStep replaced by a step whose maths the grader knows, the flow's z "
-        "is not dequantization, then per scale squeeze and the steps, with a split between "
-        "scales")
-    assert _err(out["ld"], want["ld"]) < EXACT, (
+    assert _err(out["z"], h) < EXACT, (
+        f"{what}: model.flow(x)'s z is not what its layers, run one after the other, give")
+    assert _err(out["ld"], total) < EXACT, (
         f"{what}: the flow's log_det {np.round(out['ld'], 4).tolist()} is not the sum of its "
-        f"layers' (the grader computes {np.round(want['ld'], 4).tolist()})")
-    lp = want["ld"] + _log_normal(want["z"])
+        f"layers' ({np.round(total, 4).tolist()})")
+    lp = total + _log_normal(h)
     assert out["lp"].shape == (b,) and not np.all(np.isnan(out["lp"])), (
         f"{what}: model.log_prob(x) raised an error or returned the wrong shape")
     check_array(f"{what}: log_prob", out["lp"], (b,))
@@ -846,14 +747,14 @@ def _glow_structure(oracle: Oracle, rng: np.random.Generator, case: tuple) -> No
         f"{what}: log_prob is not log N(z; 0, I) + log_det over the prior's shape")
 
 
-def _glow_round_trip(oracle: Oracle, rng: np.random.Generator) -> None:
-    what = "build_glow(shape=(1, 8, 8), num_scales=2, steps_per_scale=2, hidden=8)"
-    first = rng.integers(0, 256, size=(4, 1, 8, 8)).astype(float)
-    x = rng.integers(0, 256, size=(3, 1, 8, 8)).astype(float)
-    out = oracle.query(_REF + _NOISE + """
-        model = build_glow(shape=(1, 8, 8), num_scales=2, steps_per_scale=2, hidden=8,
+def _glow_round_trip(oracle: Oracle, rng: np.random.Generator, shape: tuple[int, int, int]
+                     ) -> None:
+    what = f"build_glow(shape={shape}, num_scales=2, steps_per_scale=2, hidden=8)"
+    first = rng.integers(0, 256, size=(4, *shape)).astype(float)
+    x = rng.integers(0, 256, size=(3, *shape)).astype(float)
+    out = oracle.query(_PREP + _NOISE + f"""
+        model = build_glow(shape={shape!r}, num_scales=2, steps_per_scale=2, hidden=8,
                            num_layers=1, mixing='lu').double()
-        out['ref'] = _nfv_is_ref(model)
         deqs = _nfv_fix_noise(model, inp['u0'])
         model.flow(_nfv_torch.as_tensor(inp['first']))
         for m in deqs:
@@ -878,7 +779,6 @@ def _glow_round_trip(oracle: Oracle, rng: np.random.Generator) -> None:
         out['samples'] = model.sample(3)
     """, first=first, u0=rng.uniform(size=first.shape), x=x, u=rng.uniform(size=x.shape),
         seed=[draw_seed(rng)])
-    _no_reference(out, what)
     check_array(f"{what}: log_det", out["ld"], (3,))
     check_array(f"{what}: the inverse's output", out["back"], x.shape)
     wrong = float(np.mean(out["back"] != x))
@@ -889,7 +789,7 @@ def _glow_round_trip(oracle: Oracle, rng: np.random.Generator) -> None:
     assert np.max(np.abs(out["ld_back"] + out["ld"])) < 1e-7 * (1 + np.max(np.abs(out["ld"]))), (
         f"{what}: the inverse's log_det is not minus the forward one")
     s = out["samples"]
-    check_array(f"{what}: model.sample(3)", s, (3, 1, 8, 8))
+    check_array(f"{what}: model.sample(3)", s, (3, *shape))
     assert np.all(s == np.round(s)) and s.min() >= 0 and s.max() <= 255, (
         f"{what}: model.sample(3) must give images of integers in [0, 255]")
 
@@ -897,10 +797,13 @@ def _glow_round_trip(oracle: Oracle, rng: np.random.Generator) -> None:
 def check_glow(oracle: Oracle, rng: np.random.Generator) -> str:
     for case in _GLOW_CASES:
         _glow_structure(oracle, rng, case)
-    _glow_round_trip(oracle, rng)
-    return ("three configurations with a known step: layer order, step arguments, prior "
-            "shape, z / log_det / log_prob computed by the grader; your steps: round trip to "
-            "the pixels, inverse log_det, integer samples")
+    for shape in ((1, 8, 8), (3, 4, 4)):
+        _glow_round_trip(oracle, rng, shape)
+    return (f"{len(_GLOW_CASES)} configurations (1, 2 and 3 channels): each layer judged from "
+            "what it does (dequantization, squeezes, steps, splits in order), every step sized "
+            "like your GlowStep with the arguments passed on, prior shape, z / log_det / "
+            "log_prob the sum of the layers; round trip to the pixels, inverse log_det, "
+            "integer samples")
 
 
 VERIFIER = Verifier(
@@ -913,9 +816,4 @@ VERIFIER = Verifier(
         "glow_step_test": check_glow_step,
         "glow_test": check_glow,
     },
-    forbidden=("flows.ActNorm", "flows.InvConv1x1", "flows.InvConv1x1LU", "flows.GlowStep",
-               "flows.glow", "flows.builders", "nfcourse.grade"),
-    references=("nfcourse.flows.glow:ActNorm", "nfcourse.flows.glow:InvConv1x1",
-                "nfcourse.flows.glow:InvConv1x1LU", "nfcourse.flows.glow:GlowStep",
-                "nfcourse.flows.builders:glow"),
 )
